@@ -1,0 +1,37 @@
+# Two entry points: `make run` (set up + start the server with the real model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU installs pin this torch; set TORCH_SPEC (and PIP_TORCH_ARGS for another index) for CUDA builds.
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+ARGS ?=
+
+.PHONY: run test setup lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps "moondream==2.6.1"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/moondream-server $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/model_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
