@@ -1,0 +1,92 @@
+"""Plain data exchanged between the API layer and an engine.
+
+The API layer builds these from HTTP requests and renders them back; it never sees tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+CaptionLength = Literal["short", "normal", "long"]
+FinishReason = Literal["stop", "length"]
+# A point (x, y) or a box (x_min, y_min, x_max, y_max), normalised to [0, 1].
+SpatialRef = tuple[float, float] | tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Per-request generation settings; None means the model's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_objects: int | None = None
+
+
+@dataclass
+class Metrics:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    prefill_time_ms: float = 0.0
+    decode_time_ms: float = 0.0
+    ttft_ms: float = 0.0
+
+
+@dataclass
+class GroundingSpan:
+    start_idx: int
+    end_idx: int
+    points: list[tuple[float, float]]
+
+
+@dataclass
+class Reasoning:
+    text: str
+    grounding: list[GroundingSpan]
+
+
+@dataclass
+class TextResult:
+    text: str
+    finish_reason: FinishReason = "stop"
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+@dataclass
+class QueryResult(TextResult):
+    reasoning: Reasoning | None = None
+
+
+@dataclass
+class Box:
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+
+@dataclass
+class Point:
+    x: float
+    y: float
+
+
+@dataclass
+class DetectResult:
+    objects: list[Box]
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+@dataclass
+class PointResult:
+    points: list[Point]
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_id: str
+    revision: str | None
+    device: str
+    dtype: str
