@@ -1,0 +1,80 @@
+"""``load()``: from a folder or the Hub to a ready ``Moondream``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from moondream_server.model.config import MoondreamConfig
+from moondream_server.model.hub import DEFAULT_MODEL, ModelLoadError, resolve
+from moondream_server.model.moondream import Moondream
+from moondream_server.model.tiling import Resampler
+from moondream_server.model.weights import build_and_load
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def load(
+    source: str | os.PathLike[str] = DEFAULT_MODEL,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    tokenizer: str | None = None,
+    resampler: Resampler | None = None,
+) -> Moondream:
+    """Load Moondream2 from a local folder or a Hub repo (default: vikhyatk/moondream2 @ 2025-06-21).
+
+    A folder holds ``model.safetensors``, optionally ``config.json`` (config_md2.json shape) and
+    ``tokenizer.json``. Device auto = CUDA if present; dtype auto = bf16 on CUDA and on CPUs with
+    native bf16, else float32.
+    """
+    files = resolve(source, revision, tokenizer)
+    config = MoondreamConfig.from_json(files.config) if files.config else MoondreamConfig()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    net = build_and_load(files.weights, config, dev, dt)
+    try:
+        tok = Tokenizer.from_file(str(Path(files.tokenizer)))
+    except Exception as e:  # the tokenizers library raises a bare Exception subclass
+        raise ModelLoadError(f"cannot read tokenizer {files.tokenizer}: {e}") from e
+    return Moondream(net, tok, config, model_id=files.model_id, revision=files.revision, resampler=resampler)

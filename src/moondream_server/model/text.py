@@ -1,0 +1,180 @@
+"""Text decoder: Phi-style parallel blocks with partial NeoX rotary embeddings.
+
+``forward`` takes a *packed* batch: the tokens of several sequences concatenated along one
+axis, each sequence with its own cache and start position. Linear layers run once over all
+tokens; attention runs per sequence over that sequence's cache. This serves the reference's
+one-request-at-a-time loops and the batching engine with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moondream_server.model.config import TextConfig
+from moondream_server.model.kv_cache import KVCache
+from moondream_server.model.layers import MLP
+
+ROTARY_DIM = 32  # the reference rotates the first 32 channels of every 64-channel head
+ROPE_THETA = 10000.0
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a packed forward pass."""
+
+    cache: KVCache
+    length: int  # tokens fed this step, written at positions cache.length ...
+    prefix: int = 0  # positions < prefix attend to each other bidirectionally (the image prefix)
+
+
+class TextAttention(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
+        self.proj = nn.Linear(config.dim, config.dim)
+
+
+class TextBlock(nn.Module):
+    ln: nn.LayerNorm
+    attn: TextAttention
+    mlp: MLP
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(config.dim)
+        self.attn = TextAttention(config)
+        self.mlp = MLP(config.dim, config.ff_dim)
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Parameter(torch.zeros(config.vocab_size, config.dim))
+        self.blocks = nn.ModuleList(TextBlock(config) for _ in range(config.n_layers))
+        self.post_ln = nn.LayerNorm(config.dim)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size)
+        self.rope_cos: torch.Tensor
+        self.rope_sin: torch.Tensor
+        self.init_rope(None)
+
+    def init_rope(self, device: torch.device | None) -> None:
+        """(Re)build the float32 rotary tables, e.g. after loading weights onto a meta-built model."""
+        rot = torch.arange(0, ROTARY_DIM, 2, device=device)[: ROTARY_DIM // 2].float()
+        inv_freq = 1.0 / (ROPE_THETA ** (rot / ROTARY_DIM))
+        t = torch.arange(self.config.max_context, dtype=torch.float32, device=device)
+        angles = torch.outer(t, inv_freq)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        c = self.config
+        return KVCache(
+            c.n_layers,
+            c.n_kv_heads,
+            c.head_dim,
+            c.max_context,
+            capacity=capacity,
+            device=self.wte.device,
+            dtype=self.wte.dtype,
+        )
+
+    def embed(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.wte.device)
+        return F.embedding(ids, self.wte)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on raw hidden states [..., dim] -> [..., vocab]."""
+        return self.lm_head(self.post_ln(hidden))  # type: ignore[no-any-return]
+
+    def forward(self, x: torch.Tensor, seqs: Sequence[SeqSlice]) -> torch.Tensor:
+        """Packed embeddings [T, dim] -> raw last-block hidden states [T, dim].
+
+        Writes each sequence's keys/values at its positions and advances its cache length.
+        """
+        if sum(s.length for s in seqs) != x.shape[0]:
+            raise ValueError("packed input length does not match the sequence slices")
+        for s in seqs:
+            s.cache.reserve(s.cache.length + s.length)
+        positions = torch.cat(
+            [torch.arange(s.cache.length, s.cache.length + s.length, device=x.device) for s in seqs]
+        )
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, 16] float32
+        masks = [_attention_mask(s, x.device) for s in seqs]
+        for layer, block in enumerate(self.blocks):
+            assert isinstance(block, TextBlock)
+            h = block.ln(x)
+            attn = self._attention(block.attn, h, layer, seqs, masks, cos, sin)
+            x = x + attn + block.mlp(h)
+        for s in seqs:
+            s.cache.length += s.length
+        return x
+
+    def _attention(
+        self,
+        attn: TextAttention,
+        h: torch.Tensor,
+        layer: int,
+        seqs: Sequence[SeqSlice],
+        masks: Sequence[torch.Tensor | None],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        t = h.shape[0]
+        hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
+        q, k, v = attn.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = _rotate(q.view(t, nh, hd), cos, sin)
+        k = _rotate(k.view(t, nkv, hd), cos, sin)
+        v = v.view(t, nkv, hd)
+        out = torch.empty(t, nh, hd, dtype=h.dtype, device=h.device)
+        offset = 0
+        for s, mask in zip(seqs, masks, strict=True):
+            start, end = s.cache.length, s.cache.length + s.length
+            keys, values = s.cache.k[layer], s.cache.v[layer]
+            keys[:, start:end] = k[offset : offset + s.length].transpose(0, 1)
+            values[:, start:end] = v[offset : offset + s.length].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q[offset : offset + s.length].transpose(0, 1),
+                keys[:, :end],
+                values[:, :end],
+                attn_mask=mask,
+                enable_gqa=nh != nkv,
+            )
+            out[offset : offset + s.length] = o.transpose(0, 1)
+            offset += s.length
+        return attn.proj(out.view(t, nh * hd))  # type: ignore[no-any-return]
+
+
+def _attention_mask(s: SeqSlice, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [length, start+length] (True = may attend): causal, bidirectional in the prefix."""
+    start = s.cache.length
+    end = start + s.length
+    if s.length == 1 and not (start < s.prefix):
+        return None  # one new token sees everything before it
+    rows = torch.arange(start, end, device=device)[:, None]
+    cols = torch.arange(end, device=device)[None, :]
+    mask = cols <= rows
+    if s.prefix:
+        mask |= (rows < s.prefix) & (cols < s.prefix)
+    return mask
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Partial NeoX rotary: channel i pairs with i + 16 within the first 32 of each head.
+
+    Computed in float32 and cast back once, as the reference does.
+    """
+    half = ROTARY_DIM // 2
+    a = x[..., :half].float()
+    b = x[..., half:ROTARY_DIM].float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotated = torch.cat([a * c - b * s, a * s + b * c], dim=-1).to(x.dtype)
+    return torch.cat([rotated, x[..., ROTARY_DIM:]], dim=-1)
