@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from moondream_server.model.config import MoondreamConfig
 from moondream_server.model.net import MoondreamNet
@@ -60,8 +61,11 @@ def write_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = random_state(config, seed, dtype)
+    bias = state[PREFIX + "text.lm_head.bias"]
+    # Favour ids the tokenizer knows (past the 10 special ids), so decoded text is not empty.
+    known = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
+    bias[10 : min(known, bias.shape[0])] += 4.0
     if never_stop:
-        bias = state[PREFIX + "text.lm_head.bias"]
         bias[config.tokenizer.eos_id] = -1e4
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
