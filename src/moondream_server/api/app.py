@@ -1,0 +1,84 @@
+"""The FastAPI application: routes, error handlers, middleware, and the engine's lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+import moondream_server
+from moondream_server.api import health, routes_seed, routes_v1
+from moondream_server.api.errors import install_exception_handlers
+from moondream_server.api.images import configure_pillow
+from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
+from moondream_server.engine.base import Engine
+from moondream_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Self-hosted Moondream2, wire-compatible with Moondream Cloud.
+
+* **/v1/...** — the cloud API: point the official client at it with
+  `moondream.vl(endpoint="http://HOST:PORT/v1", api_key=...)`.
+* **/caption, /query, /detect, /point, /upload/...** — the original JSON and multipart routes.
+
+Coordinates are normalised to 0..1 with the origin at the top-left corner of the uploaded
+pixel grid (after EXIF orientation is applied). When the server has API keys, send one in the
+`X-Moondream-Auth` header.
+"""
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if engine is None:
+        from moondream_server.engine.loader import create_engine
+
+        engine = create_engine(settings)
+    configure_pillow(settings.max_image_pixels)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /health answers at once, /health/ready turns 200 when loaded.
+        task = asyncio.create_task(engine.start(), name="engine-start")
+        task.add_done_callback(_log_start_result)
+        try:
+            yield
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await engine.stop()
+
+    app = FastAPI(
+        title="moondream-server",
+        version=moondream_server.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.api_keys = settings.resolved_api_keys()
+    install_exception_handlers(app)
+    app.include_router(health.router)
+    app.include_router(routes_v1.router)
+    app.include_router(routes_seed.router)
+    # Added last = outermost: paths are normalised before anything else looks at them.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(PathNormalizeMiddleware)
+    return app
+
+
+def _log_start_result(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("the engine failed to start: %s", exc)
+    else:
+        log.info("the model is loaded and warm; ready to serve")

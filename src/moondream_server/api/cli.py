@@ -1,0 +1,72 @@
+"""``moondream-server``: parse flags over the MOONDREAM_* environment and run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+
+from moondream_server.settings import Settings
+
+_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"help": "Hub repo id or local checkpoint folder (default vikhyatk/moondream2)"}),
+    ("--revision", "revision", {"help": "Hub revision (default 2025-06-21)"}),
+    ("--host", "host", {"help": "bind address (default 127.0.0.1; Docker uses 0.0.0.0)"}),
+    ("--port", "port", {"type": int, "help": "port (default 8001)"}),
+    ("--device", "device", {"help": "auto | cpu | cuda | cuda:N | mps"}),
+    ("--dtype", "dtype", {"help": "auto | float32 | bfloat16 | float16"}),
+    ("--api-key", "api_keys", {"help": "API key(s), comma-separated; enables auth"}),
+    ("--api-key-file", "api_key_file", {"help": "file with one API key per line; enables auth"}),
+    ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "largest request body (default 20 MiB)"}),
+    ("--max-image-pixels", "max_image_pixels", {"type": int, "help": "largest image, width×height"}),
+    ("--max-queue", "max_queue", {"type": int, "help": "waiting requests before 429 (default 64)"}),
+    (
+        "--request-timeout",
+        "request_timeout_s",
+        {"type": float, "help": "per-request deadline, s (default 300)"},
+    ),
+    ("--engine", "engine", {"choices": ["serial", "batched"], "help": "scheduling engine (default serial)"}),
+    ("--max-batch-size", "max_batch_size", {"type": int, "help": "batched engine: largest batch"}),
+    ("--image-cache-mb", "image_cache_mb", {"type": int, "help": "batched engine: image cache size"}),
+    ("--threads", "threads", {"type": int, "help": "torch CPU threads (default: torch's choice)"}),
+    ("--log-level", "log_level", {"help": "critical | error | warning | info | debug"}),
+]
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="moondream-server",
+        description="Serve Moondream2 over HTTP (Moondream Cloud compatible). "
+        "Every flag can also be set as MOONDREAM_<NAME> in the environment; flags win.",
+    )
+    for flag, dest, kwargs in _FLAGS:
+        parser.add_argument(flag, dest=dest, default=None, **kwargs)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from moondream_server.api.app import create_app
+
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws="none",
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Liveness and readiness. Open even when API keys are configured."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from moondream_server.api.schemas import HealthResponse, ReadyResponse
+from moondream_server.engine.base import Engine
+
+router = APIRouter(tags=["health"])
+
+
+def _health(request: Request) -> HealthResponse:
+    engine: Engine = request.app.state.engine
+    info = engine.info
+    ready = engine.is_ready()
+    error = getattr(engine, "load_error", None)
+    depth = getattr(engine, "queue_depth", None)
+    return HealthResponse(
+        ready=ready,
+        model_loaded=ready,
+        model=info.model_id,
+        revision=info.revision,
+        device=info.device,
+        dtype=info.dtype,
+        engine=request.app.state.settings.engine,
+        queue_depth=depth if isinstance(depth, int) else None,
+        error=None if error is None else str(error),
+    )
+
+
+@router.get("/health", response_model=HealthResponse, summary="Liveness")
+async def health(request: Request) -> HealthResponse:
+    """The process is up. Says which model is (being) served and whether it is ready."""
+    return _health(request)
+
+
+@router.get("/v1/health", response_model=HealthResponse, include_in_schema=False)
+async def health_v1(request: Request) -> HealthResponse:
+    return _health(request)
+
+
+_READY_RESPONSES: dict[int | str, dict[str, object]] = {
+    503: {"model": ReadyResponse, "description": "Not ready: the model is loading or warming up (or failed)."}
+}
+
+
+@router.get("/health/ready", response_model=ReadyResponse, responses=_READY_RESPONSES, summary="Readiness")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the model is loaded and warmed up, 503 (with Retry-After) before."""
+    engine: Engine = request.app.state.engine
+    if engine.is_ready():
+        return JSONResponse(ReadyResponse(ready=True).model_dump(exclude_none=True))
+    error = getattr(engine, "load_error", None)
+    detail = "the model is loading" if error is None else f"the model failed to load: {error}"
+    return JSONResponse(
+        ReadyResponse(ready=False, detail=detail).model_dump(), status_code=503, headers={"Retry-After": "5"}
+    )
+
+
+@router.get("/v1/health/ready", response_model=ReadyResponse, include_in_schema=False)
+async def ready_v1(request: Request) -> JSONResponse:
+    return await ready(request)

@@ -1,0 +1,121 @@
+"""Turn what a client uploaded (data URL, bare base64 or raw bytes) into an RGB PIL image.
+
+Every failure is an :class:`ImageError` with the HTTP status it deserves: 400 for input that is
+not a (complete) image, 413 for images over the pixel cap. The pixel count is checked from the
+header, before any pixel is decoded, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Formats a client may send. PIL can open more, but these are the ones we promise and test.
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?),", re.IGNORECASE)
+_WS = re.compile(r"\s+")
+
+
+def configure_pillow(max_pixels: int) -> None:
+    """Keep Pillow's own decompression-bomb guard above our cap.
+
+    Pillow warns above ``Image.MAX_IMAGE_PIXELS`` and raises above twice that, inside
+    ``Image.open``. With the guard at or above our cap, an image Pillow objects to is always one
+    we refuse too, and both paths (the warning, if warnings are errors, and the error) end as 413.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and current < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+class ImageError(Exception):
+    """A client-side image problem. ``status`` is 400 or 413; ``param`` names the field."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+
+
+def decode_image_string(value: str, *, max_pixels: int, param: str = "image_url") -> Image.Image:
+    """Decode ``data:<mime>;base64,<data>`` or bare base64 into an RGB image."""
+    text = value.strip()
+    match = _DATA_URL.match(text)
+    if match is not None:
+        if ";base64" not in match.group("params").lower():
+            raise ImageError("only base64 data URLs are supported (data:<mime>;base64,...)", param=param)
+        mime = match.group("mime").lower()
+        if mime and not (mime.startswith("image/") or mime == "application/octet-stream"):
+            raise ImageError(f"the data URL's media type must be an image, not {mime!r}", param=param)
+        text = text[match.end() :]
+    elif text.lower().startswith(("http://", "https://")):
+        raise ImageError("image URLs are not fetched; send the image as a base64 data URL", param=param)
+    data = _b64decode(text, param=param)
+    return decode_image_bytes(data, max_pixels=max_pixels, param=param)
+
+
+def _b64decode(text: str, *, param: str) -> bytes:
+    compact = _WS.sub("", text)
+    if not compact:
+        raise ImageError("the image is empty", param=param)
+    # Accept the URL-safe alphabet and missing padding too; reject anything else.
+    compact = compact.replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the image is not valid base64", param=param) from None
+
+
+def decode_image_bytes(data: bytes, *, max_pixels: int, param: str = "file") -> Image.Image:
+    """Open, check the size, fully decode, apply EXIF orientation and convert to RGB."""
+    if not data:
+        raise ImageError("the image is empty", param=param)
+    try:
+        img: Image.Image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(_too_many_pixels_message(None, max_pixels), status=413, param=param) from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            "the data is not a recognised image (JPEG, PNG, WebP, GIF, BMP or TIFF)", param=param
+        ) from None
+    except Exception as exc:
+        raise ImageError(f"the image could not be read: {exc}", param=param) from None
+
+    if img.format not in ALLOWED_FORMATS:
+        raise ImageError(
+            f"unsupported image format {img.format}; use JPEG, PNG, WebP, GIF, BMP or TIFF", param=param
+        )
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError("the image has no pixels", param=param)
+    if width * height > max_pixels:
+        raise ImageError(_too_many_pixels_message((width, height), max_pixels), status=413, param=param)
+
+    try:
+        img.seek(0)  # GIF/TIFF/WebP animations: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("P", "PA"):
+            img = img.convert("RGBA")  # palette transparency: via RGBA, as Pillow asks
+        rgb = img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(_too_many_pixels_message(None, max_pixels), status=413, param=param) from None
+    except Exception as exc:
+        raise ImageError(f"the image is truncated or corrupt: {exc}", param=param) from None
+    if rgb.width * rgb.height > max_pixels:  # cannot grow through a transpose, but be exact
+        raise ImageError(_too_many_pixels_message(rgb.size, max_pixels), status=413, param=param)
+    return rgb
+
+
+def _too_many_pixels_message(size: tuple[int, int] | None, max_pixels: int) -> str:
+    if size is None:
+        return f"the image has too many pixels (the limit is {max_pixels:,})"
+    w, h = size
+    return f"the image is {w}×{h} = {w * h:,} pixels; the limit is {max_pixels:,}"

@@ -1,0 +1,74 @@
+"""Server configuration: one pydantic-settings object.
+
+Every field can be set by an environment variable with the prefix ``MOONDREAM_`` (e.g.
+``MOONDREAM_PORT=9000``, ``MOONDREAM_API_KEYS=key1,key2``) and by the matching CLI flag of
+``moondream-server`` (flags win over the environment).
+
+The default bind host is ``127.0.0.1`` so that a server started by hand is not exposed to the
+network by accident; the Docker image sets ``MOONDREAM_HOST=0.0.0.0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOONDREAM_", extra="ignore", validate_default=True)
+
+    host: str = Field(default="127.0.0.1", description="Bind address (Docker sets 0.0.0.0).")
+    port: int = Field(default=8001, ge=0, le=65535, description="TCP port (0 = any free port).")
+    model: str = Field(
+        default="vikhyatk/moondream2", description="Hugging Face repo id or a local checkpoint directory."
+    )
+    revision: str | None = Field(default="2025-06-21", description="Hub revision (ignored for local paths).")
+    device: str = Field(default="auto", description='"auto", "cpu", "cuda", "cuda:N" or "mps".')
+    dtype: str = Field(default="auto", description='"auto", "float32", "bfloat16" or "float16".')
+    api_keys: str = Field(
+        default="",
+        description="Comma-separated API keys; when any key is set every inference route needs one.",
+    )
+    api_key_file: Path | None = Field(
+        default=None, description="File with one API key per line (blank lines and # comments ignored)."
+    )
+    max_body_bytes: int = Field(default=20 * MiB, ge=1, description="Largest accepted request body.")
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, description="Largest accepted image (width × height)."
+    )
+    max_queue: int = Field(
+        default=64, ge=1, description="Requests allowed to wait for the model; more → 429."
+    )
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="Per-request deadline (queue + generation)."
+    )
+    engine: Literal["serial", "batched"] = Field(default="serial", description="Scheduling engine.")
+    max_batch_size: int = Field(default=8, ge=1, description="Largest batch of the batched engine.")
+    image_cache_mb: int = Field(
+        default=2048, ge=0, description="Image-embedding cache size (batched engine)."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads (None = torch default)."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def resolved_api_keys(self) -> frozenset[str]:
+        """All configured keys: ``api_keys`` plus the lines of ``api_key_file``."""
+        keys = {k.strip() for k in self.api_keys.split(",")}
+        if self.api_key_file is not None:
+            for line in self.api_key_file.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.add(line)
+        keys.discard("")
+        return frozenset(keys)
