@@ -11,9 +11,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from conftest import COMPOSE_FILES, REPO, parse_dockerfile
 
 from moondream_server.settings import Settings
+from tests.deploy.helpers import COMPOSE_FILES, REPO, parse_dockerfile
 
 SCHEMA = json.loads((REPO / "tests/fixtures/compose-spec/compose-spec.json").read_text(encoding="utf-8"))
 

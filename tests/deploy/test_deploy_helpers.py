@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import REPO
 
 from moondream_server.deploy import healthcheck
+from tests.deploy.helpers import REPO
 
 TINY = REPO / "tests/fixtures/moondream2-tiny"
 

@@ -18,9 +18,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import DOCKERFILES, REPO, Dockerfile, parse_dockerfile
 
 from moondream_server.settings import Settings
+from tests.deploy.helpers import DOCKERFILES, REPO, Dockerfile, parse_dockerfile
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
