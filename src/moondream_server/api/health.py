@@ -17,6 +17,7 @@ def _health(request: Request) -> HealthResponse:
     ready = engine.is_ready()
     error = getattr(engine, "load_error", None)
     depth = getattr(engine, "queue_depth", None)
+    stats = getattr(engine, "stats", None)
     return HealthResponse(
         ready=ready,
         model_loaded=ready,
@@ -26,6 +27,7 @@ def _health(request: Request) -> HealthResponse:
         dtype=info.dtype,
         engine=request.app.state.settings.engine,
         queue_depth=depth if isinstance(depth, int) else None,
+        requests=dict(stats) if isinstance(stats, dict) else None,
         error=None if error is None else str(error),
     )
 

@@ -235,8 +235,12 @@ class HealthResponse(BaseModel):
     device: str
     dtype: str
     engine: str
-    queue_depth: int | None = None
-    error: str | None = None
+    queue_depth: int | None = Field(None, description="Requests waiting for the model.")
+    requests: dict[str, int] | None = Field(
+        None,
+        description="Engine counters: completed, failed, interrupted (cancelled/deadline), expired_in_queue.",
+    )
+    error: str | None = Field(None, description="Why loading failed, if it did.")
 
 
 class ReadyResponse(BaseModel):

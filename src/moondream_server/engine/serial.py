@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,6 +132,9 @@ class SerialEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.load_error: BaseException | None = None
+        # Counters, written by the worker thread only: requests run to the end, failed, or
+        # stopped early because their consumer went away or their deadline passed.
+        self.stats: dict[str, int] = {"completed": 0, "failed": 0, "interrupted": 0, "expired_in_queue": 0}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -223,6 +226,7 @@ class SerialEngine:
             if job.cancel.is_set():
                 continue
             if time.monotonic() > job.deadline:
+                self.stats["expired_in_queue"] += 1
                 job.on_drop(DeadlineExceededError("the request timed out while waiting in the queue"))
                 continue
             try:
@@ -244,8 +248,8 @@ class SerialEngine:
                 f"the request queue is full ({self._max_queue} waiting)", retry_after_s=1.0
             ) from None
 
-    async def _call(self, fn: Callable[[ModelLike], Any]) -> tuple[Any, dict[str, Any]]:
-        """Run ``fn(model)`` on the worker; returns (result, details of the run)."""
+    async def _call(self, fn: Callable[[ModelLike, _Job], Any]) -> tuple[Any, dict[str, Any]]:
+        """Run ``fn(model, job)`` on the worker; returns (result, details of the run)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[Any, dict[str, Any]]] = loop.create_future()
 
@@ -264,10 +268,15 @@ class SerialEngine:
         def run(model: ModelLike, job: _Job) -> None:
             t0 = time.perf_counter()
             try:
-                result = fn(model)
+                result = fn(model, job)
+            except _Interrupted:
+                self.stats["interrupted"] += 1
+                send(False, DeadlineExceededError(f"the request did not finish within {self._timeout:g} s"))
             except Exception as exc:
+                self.stats["failed"] += 1
                 send(False, _translate(exc))
             else:
+                self.stats["completed"] += 1
                 send(True, (result, _details(model, time.perf_counter() - t0)))
 
         job = _Job(run=run, deadline=time.monotonic() + self._timeout)
@@ -290,20 +299,23 @@ class SerialEngine:
 
         def run(model: ModelLike, job: _Job) -> None:
             try:
-                pieces = fn(model)
-                try:
-                    for piece in pieces:
-                        if job.cancel.is_set() or time.monotonic() > job.deadline:
-                            break
-                        if piece:
-                            send("chunk", piece)
-                finally:
-                    close = getattr(pieces, "close", None)
-                    if close is not None:
-                        close()
+                for piece in _interruptible(fn(model), job):
+                    if piece:
+                        send("chunk", piece)
+            except _Interrupted:
+                self.stats["interrupted"] += 1
+                if job.cancel.is_set():  # the consumer is gone; nobody reads this
+                    send("done", None)
+                else:
+                    send(
+                        "error",
+                        DeadlineExceededError(f"the request did not finish within {self._timeout:g} s"),
+                    )
             except Exception as exc:
+                self.stats["failed"] += 1
                 send("error", _translate(exc))
             else:
+                self.stats["completed"] += 1
                 send("done", None)
 
         job = _Job(run=run, deadline=time.monotonic() + self._timeout)
@@ -333,8 +345,12 @@ class SerialEngine:
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
     ) -> TextResult:
         sd = settings_dict(settings)
-        out, det = await self._call(lambda m: m.caption(image, length=length, stream=False, settings=sd))
-        return TextResult(text=str(out["caption"]), finish_reason=_finish(det), metrics=_metrics(det))
+        # Generated through the model's stream mode (whose pieces join to exactly the
+        # non-streamed text) so that a passed deadline stops the generation between tokens.
+        text, det = await self._call(
+            lambda m, job: _join(m.caption(image, length=length, stream=True, settings=sd)["caption"], job)
+        )
+        return TextResult(text=text, finish_reason=_finish(det), metrics=_metrics(det))
 
     def stream_caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
@@ -355,21 +371,27 @@ class SerialEngine:
     ) -> QueryResult:
         sd = settings_dict(settings)
         refs = [list(r) for r in spatial_refs] or None
-        out, det = await self._call(
-            lambda m: m.query(
-                image=image,
-                question=question,
-                reasoning=reasoning,
-                spatial_refs=refs,
-                stream=False,
-                settings=sd,
-            )
-        )
+
+        def run(m: ModelLike, job: _Job) -> tuple[str, Any]:
+            if reasoning:  # reasoning has no stream mode: one uninterruptible call
+                out = m.query(
+                    image=image,
+                    question=question,
+                    reasoning=True,
+                    spatial_refs=refs,
+                    stream=False,
+                    settings=sd,
+                )
+                return str(out["answer"]), out.get("reasoning")
+            out = m.query(image=image, question=question, spatial_refs=refs, stream=True, settings=sd)
+            return _join(out["answer"], job), None
+
+        (text, raw_reasoning), det = await self._call(run)
         return QueryResult(
-            text=str(out["answer"]),
+            text=text,
             finish_reason=_finish(det),
             metrics=_metrics(det),
-            reasoning=_reasoning(out.get("reasoning")),
+            reasoning=_reasoning(raw_reasoning),
         )
 
     def stream_query(
@@ -390,7 +412,7 @@ class SerialEngine:
 
     async def detect(self, image: Image.Image, obj: str, settings: SamplingSettings) -> DetectResult:
         sd = settings_dict(settings)
-        out, det = await self._call(lambda m: m.detect(image, obj, settings=sd))
+        out, det = await self._call(lambda m, _job: m.detect(image, obj, settings=sd))
         boxes = [
             Box(float(o["x_min"]), float(o["y_min"]), float(o["x_max"]), float(o["y_max"]))
             for o in out["objects"]
@@ -399,9 +421,31 @@ class SerialEngine:
 
     async def point(self, image: Image.Image, obj: str, settings: SamplingSettings) -> PointResult:
         sd = settings_dict(settings)
-        out, det = await self._call(lambda m: m.point(image, obj, settings=sd))
+        out, det = await self._call(lambda m, _job: m.point(image, obj, settings=sd))
         points = [Point(float(p["x"]), float(p["y"])) for p in out["points"]]
         return PointResult(points=points, metrics=_metrics(det))
+
+
+class _Interrupted(Exception):
+    """The job's consumer went away or its deadline passed; raised on the worker thread."""
+
+
+def _interruptible(pieces: Iterable[str], job: _Job) -> Iterator[str]:
+    """Yield the pieces, stopping (and closing the model's generator) once the job is cancelled."""
+    it = iter(pieces)
+    try:
+        for piece in it:
+            if job.cancel.is_set() or time.monotonic() > job.deadline:
+                raise _Interrupted
+            yield piece
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _join(pieces: Iterable[str], job: _Job) -> str:
+    return "".join(_interruptible(pieces, job))
 
 
 def _translate(exc: Exception) -> Exception:
