@@ -94,10 +94,7 @@ def _download(repo_id: str, filename: str, revision: str | None, *, required: bo
 
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except EntryNotFoundError:
-        if required:
-            raise ModelLoadError(f"{repo_id}@{revision or 'main'} has no file {filename}") from None
-        return None  # type: ignore[return-value]
+    # LocalEntryNotFoundError subclasses EntryNotFoundError in newer huggingface_hub: test it first.
     except LocalEntryNotFoundError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = (
@@ -111,5 +108,9 @@ def _download(repo_id: str, filename: str, revision: str | None, *, required: bo
             f"`huggingface-cli download {repo_id} --revision {revision or 'main'}` and copy the cache "
             f"(HF_HOME), or pass a local folder with --model /path/to/folder."
         ) from e
+    except EntryNotFoundError:
+        if required:
+            raise ModelLoadError(f"{repo_id}@{revision or 'main'} has no file {filename}") from None
+        return None  # type: ignore[return-value]
     except HfHubHTTPError as e:
         raise ModelLoadError(f"the Hub refused {filename} of {repo_id}@{revision or 'main'}: {e}") from e

@@ -1,0 +1,180 @@
+"""Loading from folders and from a Hugging Face cache, and the errors bad folders give."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from moondream_server.model import ModelLoadError, MoondreamConfig, load
+from moondream_server.model.hub import DEFAULT_MODEL, DEFAULT_REVISION, DEFAULT_TOKENIZER
+from moondream_server.model.loading import resolve_dtype
+from tests.model.support import TINY, TOKENIZER
+
+
+def test_loads_our_random_checkpoint_with_exact_weights(random_folder: Path) -> None:
+    model = load(random_folder, device="cpu", dtype=torch.float32)
+    stored = load_file(str(random_folder / "model.safetensors"))
+    assert len(stored) == 72 and all(k.startswith("model.") for k in stored)
+    params = dict(model.net.named_parameters())
+    for key, tensor in stored.items():
+        assert torch.equal(params[key.removeprefix("model.")], tensor.float()), key
+
+
+def test_bf16_load_keeps_stored_bf16_values(random_folder: Path) -> None:
+    model = load(random_folder, device="cpu", dtype="bfloat16")
+    stored = load_file(str(random_folder / "model.safetensors"))
+    assert model.dtype == torch.bfloat16
+    assert torch.equal(model.net.text.wte, stored["model.text.wte"])
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_weights_file_is_named(tmp_path: Path, random_folder: Path) -> None:
+    folder = _copy(random_folder, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no model\.safetensors"):
+        load(folder, device="cpu")
+
+
+def test_missing_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load(tmp_path / "nope", device="cpu")
+
+
+def test_wrong_shapes_name_the_tensor(tmp_path: Path, random_folder: Path) -> None:
+    folder = _copy(random_folder, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["text"]["ff_dim"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"model\.text\.blocks\.0\.mlp\.fc1\.(weight|bias) has shape"):
+        load(folder, device="cpu")
+
+
+def test_wrong_keys_are_listed(tmp_path: Path, random_folder: Path) -> None:
+    folder = _copy(random_folder, tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.text.lm_head.weights"] = state.pop("model.text.lm_head.weight")
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(
+        ModelLoadError, match=r"missing 1 tensors \(e\.g\. model\.text\.lm_head\.weight\).*unexpected"
+    ):
+        load(folder, device="cpu")
+
+
+def test_corrupt_weights_file(tmp_path: Path, random_folder: Path) -> None:
+    folder = _copy(random_folder, tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ModelLoadError, match="not a readable safetensors"):
+        load(folder, device="cpu")
+
+
+def test_unknown_config_key_is_rejected(tmp_path: Path, random_folder: Path) -> None:
+    folder = _copy(random_folder, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["text"]["n_layer"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="n_layer"):
+        load(folder, device="cpu")
+
+
+def test_config_defaults_are_the_real_model() -> None:
+    c = MoondreamConfig()
+    assert (c.text.dim, c.text.n_layers, c.text.n_heads, c.text.vocab_size) == (2048, 24, 32, 51200)
+    assert (c.vision.enc_dim, c.vision.enc_n_layers, c.vision.grid, c.vision.max_crops) == (1152, 27, 27, 12)
+    assert c.tokenizer.templates["query"]["prefix"] == [1, 15381, 2]
+
+
+def test_dtype_auto_follows_device_and_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moondream_server.model.loading as loading
+
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int3", torch.device("cpu"))
+
+
+def _hub_cache(root: Path, repo: str, revision: str, files: dict[str, Path]) -> None:
+    """Lay files out as huggingface_hub's cache does: refs/<rev> -> commit, snapshots/<commit>/..."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, src in files.items():
+        shutil.copyfile(src, snap / name)
+
+
+def _hf_config(path: Path) -> Path:
+    """The transformers wrapper config.json the real repo ships (its model config is empty)."""
+    path.write_text(json.dumps({"architectures": ["HfMoondream"], "model_type": "moondream1", "config": {}}))
+    return path
+
+
+def test_default_source_is_pinned_hub_repo_and_starmie_tokenizer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, random_folder: Path
+) -> None:
+    """The real download path, stopped before the network: an offline Hub cache laid out by hand."""
+    cache = tmp_path / "hub"
+    _hub_cache(
+        cache,
+        DEFAULT_MODEL,
+        DEFAULT_REVISION,
+        {
+            "model.safetensors": random_folder / "model.safetensors",
+            "config.json": _hf_config(tmp_path / "c.json"),
+        },
+    )
+    _hub_cache(cache, DEFAULT_TOKENIZER, "main", {"tokenizer.json": TOKENIZER})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    from moondream_server.model.hub import resolve
+
+    files = resolve(DEFAULT_MODEL)
+    assert files.revision == DEFAULT_REVISION
+    assert files.config is None  # wrapper config: the real model's defaults apply
+    assert files.weights.parent.name == "0123456789abcdef0123456789abcdef01234567"
+    assert "starmie" in str(files.tokenizer)
+
+
+def test_offline_without_cache_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"HF_HUB_OFFLINE.*--model /path/to/folder"):
+        load(DEFAULT_MODEL, device="cpu")
+
+
+def test_hf_snapshot_folder_does_not_use_its_stale_tokenizer(tmp_path: Path, random_folder: Path) -> None:
+    """A local copy of the HF repo has a GPT-2 tokenizer.json; the model needs Starmie instead."""
+    folder = _copy(random_folder, tmp_path / "snap")
+    _hf_config(folder / "config.json")
+    from moondream_server.model.hub import resolve
+
+    files = resolve(folder, tokenizer=str(TOKENIZER))
+    assert files.tokenizer == TOKENIZER and files.config is None
+
+
+def test_golden_checkpoint_loads_and_runs() -> None:
+    model = load(TINY, device="cpu", dtype="float32")
+    out = model.point(Image.new("RGB", (32, 32), "white"), "dot", settings={"max_objects": 1})
+    assert len(out["points"]) <= 1

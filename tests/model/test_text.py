@@ -1,0 +1,71 @@
+"""The packed text decoder: many sequences at different positions in one forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from moondream_server.model import Moondream
+from moondream_server.model.kv_cache import KVCache
+from moondream_server.model.text import SeqSlice
+
+
+def test_packed_batch_equals_separate_runs(random_model: Moondream) -> None:
+    text = random_model.net.text
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(n, text.config.dim, generator=gen) for n in (7, 3, 1)]
+    prefixes = [5, 0, 0]
+
+    # Separately: prefill each sequence, then one decode step.
+    solo = []
+    for prompt, prefix in zip(prompts, prefixes, strict=True):
+        cache = text.new_cache()
+        text(prompt, [SeqSlice(cache, prompt.shape[0], prefix=prefix)])
+        step = torch.ones(1, text.config.dim)
+        solo.append(text(step, [SeqSlice(cache, 1, prefix=prefix)]))
+
+    # Together: the same prefills packed in one call, then the decode steps packed in one call.
+    caches = [text.new_cache() for _ in prompts]
+    text(
+        torch.cat(prompts),
+        [SeqSlice(c, p.shape[0], prefix=x) for c, p, x in zip(caches, prompts, prefixes, strict=True)],
+    )
+    packed = text(
+        torch.ones(3, text.config.dim),
+        [SeqSlice(c, 1, prefix=x) for c, x in zip(caches, prefixes, strict=True)],
+    )
+    for i in range(3):
+        torch.testing.assert_close(packed[i : i + 1], solo[i], rtol=1e-5, atol=1e-5)
+    assert [c.length for c in caches] == [8, 4, 2]
+
+
+def test_prefix_is_bidirectional_and_the_rest_causal(random_model: Moondream) -> None:
+    """Changing a later prefix token changes earlier prefix outputs; a later prompt token cannot."""
+    text = random_model.net.text
+    x = torch.randn(6, text.config.dim, generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[2] += 1.0  # inside the 3-position prefix
+    z = x.clone()
+    z[5] += 1.0  # after the prefix
+    out = [text(v, [SeqSlice(text.new_cache(), 6, prefix=3)]) for v in (x, y, z)]
+    assert not torch.allclose(out[0][0], out[1][0])  # position 0 sees position 2
+    torch.testing.assert_close(out[0][:5], out[2][:5])  # nobody before 5 sees position 5
+
+
+def test_cache_growth_keeps_contents() -> None:
+    cache = KVCache(2, 1, 4, 2048, capacity=3)
+    cache.k[:, :, :3] = torch.arange(24, dtype=torch.float32).view(2, 1, 3, 4)
+    cache.length = 3
+    before = cache.k[:, :, :3].clone()
+    cache.reserve(700)
+    assert cache.capacity >= 700
+    assert torch.equal(cache.k[:, :, :3], before)
+
+
+def test_cache_refuses_to_outgrow_the_context() -> None:
+    cache = KVCache(1, 1, 4, 16)
+    try:
+        cache.reserve(17)
+    except ValueError as e:
+        assert "context" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
