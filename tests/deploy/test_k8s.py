@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -112,3 +113,35 @@ def test_resources_security_and_cache_volume() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     claim = volumes["hf-cache"]["persistentVolumeClaim"]["claimName"]
     assert claim == documents()["PersistentVolumeClaim"]["metadata"]["name"]
+
+
+def test_hpa_scales_the_deployment() -> None:
+    hpa = yaml.safe_load((REPO / "deploy/k8s/hpa.yaml").read_text(encoding="utf-8"))
+    deployment = documents()["Deployment"]
+    assert (hpa["apiVersion"], hpa["kind"]) == ("autoscaling/v2", "HorizontalPodAutoscaler")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1",
+        "Deployment",
+        deployment["metadata"]["name"],
+    )
+    assert hpa["spec"]["minReplicas"] >= 2, "keeps the PodDisruptionBudget satisfiable"
+    assert hpa["spec"]["maxReplicas"] >= hpa["spec"]["minReplicas"]
+    assert "cpu" in container()["resources"]["requests"], "CPU utilisation needs a CPU request"
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "latest"])
+@pytest.mark.parametrize("name", ["moondream-server.yaml", "hpa.yaml"])
+def test_valid_against_kubernetes_schemas(name: str, version: str) -> None:
+    """Strict: unknown fields (typos) fail too. 1.29 is the oldest Kubernetes these files aim at."""
+    wanted = kubernetes_validate.latest_version() if version == "latest" else version
+    text = (REPO / "deploy/k8s" / name).read_text(encoding="utf-8")
+    for doc in yaml.safe_load_all(text):
+        kubernetes_validate.validate(doc, wanted, strict=True)
+
+
+def test_kubernetes_schema_check_catches_typos() -> None:
+    deployment = documents()["Deployment"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
