@@ -1,0 +1,405 @@
+"""The batching engine: the ``Engine`` protocol over the continuous-batching scheduler.
+
+Requests become decode programs (validated on the caller's side, so bad settings or spatial
+references fail at once with InvalidRequestError) and are handed to the scheduler thread, which
+owns the model. Results come back through ``loop.call_soon_threadsafe``; streams receive every
+text piece as soon as its tokens are decoded. Leaving (a cancelled task, a closed stream, a
+passed deadline) marks the request cancelled and the scheduler frees its slot at the next step.
+
+Selected with ``MOONDREAM_ENGINE=batched`` (``engine/loader.py`` imports this module and calls
+``create_engine(settings)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from moondream_server.engine.errors import DeadlineExceededError, NotReadyError
+from moondream_server.engine.image_cache import ImageCache
+from moondream_server.engine.runtime import ModelRuntime, OnText
+from moondream_server.engine.scheduler import Request, Scheduler, request_error
+from moondream_server.engine.types import (
+    Box,
+    CaptionLength,
+    DetectResult,
+    EngineInfo,
+    GroundingSpan,
+    Metrics,
+    Point,
+    PointResult,
+    QueryResult,
+    Reasoning,
+    SamplingSettings,
+    SpatialRef,
+    TextResult,
+)
+from moondream_server.model.decoding import Program, TaskResult
+
+if TYPE_CHECKING:
+    from moondream_server.model.moondream import Moondream
+    from moondream_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+def settings_dict(settings: SamplingSettings) -> dict[str, Any]:
+    """The model's ``settings`` argument: only the keys the caller set."""
+    out: dict[str, Any] = {}
+    for key in ("temperature", "top_p", "max_tokens", "max_objects"):
+        value = getattr(settings, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _ms(seconds: float) -> float:
+    return round(max(seconds, 0.0) * 1000.0, 3)
+
+
+class BatchedEngine:
+    """Continuous batching over one model. Implements ``engine.base.Engine``."""
+
+    def __init__(
+        self,
+        loader: Callable[[], Moondream],
+        *,
+        info: EngineInfo,
+        max_queue: int = 64,
+        request_timeout_s: float = 300.0,
+        max_batch_size: int = 8,
+        image_cache_mb: float = 2048,
+        threads: int | None = None,
+        max_step_tokens: int = 1024,
+        max_images_per_step: int = 4,
+        warmup: bool = True,
+    ) -> None:
+        self._loader = loader
+        self._info = info
+        self._max_queue = max_queue
+        self._timeout = request_timeout_s
+        self._max_batch_size = max_batch_size
+        self._cache_bytes = int(image_cache_mb * MiB)
+        self._threads = threads
+        self._max_step_tokens = max_step_tokens
+        self._max_images_per_step = max_images_per_step
+        self._warmup = warmup
+        self._ready = False
+        self._stopping = False
+        self.runtime: ModelRuntime | None = None
+        self.scheduler: Scheduler | None = None
+        self.image_cache: ImageCache[Any] | None = None
+        self.load_error: BaseException | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def is_ready(self) -> bool:
+        return self._ready and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return self.scheduler.queue_depth if self.scheduler is not None else 0
+
+    async def start(self) -> None:
+        if self.scheduler is not None:
+            raise RuntimeError("engine already started")
+        try:
+            if self._threads is not None:
+                import torch
+
+                torch.set_num_threads(self._threads)
+            t0 = time.perf_counter()
+            model = await asyncio.to_thread(self._loader)
+            self._info = EngineInfo(
+                model_id=str(model.model_id),
+                revision=model.revision,
+                device=str(model.device),
+                dtype=str(model.dtype).removeprefix("torch."),
+            )
+            log.info("model %s loaded in %.2f s", self._info.model_id, time.perf_counter() - t0)
+            self.runtime = ModelRuntime(model)
+            if self._cache_bytes > 0:
+                self.image_cache = ImageCache(self._cache_bytes, self.runtime.image_nbytes)
+            self.scheduler = Scheduler(
+                self.runtime,
+                max_batch_size=self._max_batch_size,
+                max_queue=self._max_queue,
+                max_step_tokens=self._max_step_tokens,
+                max_images_per_step=self._max_images_per_step,
+                image_cache=self.image_cache,
+            )
+            self.scheduler.start()
+            if self._warmup:
+                t1 = time.perf_counter()
+                warm = Image.new("RGB", (64, 64), (127, 127, 127))
+                runtime = self.runtime
+                await self._call(warm, lambda: runtime.caption("short", {"max_tokens": 2}, None))
+                if self.image_cache is not None:
+                    self.image_cache.clear()
+                log.info("warm-up done in %.2f s", time.perf_counter() - t1)
+        except BaseException as exc:
+            self.load_error = exc
+            log.exception("starting the batched engine failed")
+            if self.scheduler is not None:
+                await asyncio.to_thread(self.scheduler.stop)
+            raise
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._stopping = True
+        scheduler = self.scheduler
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.stop)
+
+    # -- submission ----------------------------------------------------------------------------
+    def _parts(self) -> tuple[ModelRuntime, Scheduler]:
+        if self.runtime is None or self.scheduler is None or self._stopping:
+            if self.load_error is not None:
+                raise NotReadyError(f"the model failed to load: {self.load_error}", retry_after_s=60.0)
+            raise NotReadyError()
+        return self.runtime, self.scheduler
+
+    def _check_ready(self) -> ModelRuntime:
+        runtime, _ = self._parts()
+        if not self._ready:
+            raise NotReadyError()
+        return runtime
+
+    async def _call(self, image: Image.Image | None, build: Callable[[], Program]) -> Request:
+        """Submit a program and wait for it; raises the request's error."""
+        _, scheduler = self._parts()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Request] = loop.create_future()
+
+        def deliver(req: Request) -> None:
+            if not fut.done():
+                fut.set_result(req)
+
+        def on_done(req: Request) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                loop.call_soon_threadsafe(deliver, req)
+
+        program = _validated(build)
+        req = Request(
+            program=program, image=image, deadline=scheduler.clock() + self._timeout, on_done=on_done
+        )
+        scheduler.submit(req)
+        try:
+            done = await asyncio.wait_for(fut, self._timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(f"the request did not finish within {self._timeout:g} s") from None
+        finally:
+            req.cancel()
+        if done.error is not None:
+            raise done.error
+        return done
+
+    async def _stream(
+        self, image: Image.Image | None, build: Callable[[OnText], Program]
+    ) -> AsyncIterator[str]:
+        _, scheduler = self._parts()
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def send(kind: str, value: Any) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+
+        program = _validated(lambda: build(lambda piece: send("chunk", piece)))
+        req = Request(
+            program=program,
+            image=image,
+            deadline=scheduler.clock() + self._timeout,
+            on_done=lambda r: send("done", r),
+        )
+        scheduler.submit(req)
+        try:
+            while True:
+                remaining = req.deadline - scheduler.clock()
+                try:
+                    kind, value = await asyncio.wait_for(items.get(), max(remaining, 0.0))
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"the request did not finish within {self._timeout:g} s"
+                    ) from None
+                if kind == "chunk":
+                    if value:
+                        yield value
+                    continue
+                if value.error is not None:
+                    raise value.error
+                return
+        finally:
+            req.cancel()
+
+    # -- skills --------------------------------------------------------------------------------
+    async def caption(
+        self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
+    ) -> TextResult:
+        runtime = self._check_ready()
+        sd = settings_dict(settings)
+        req = await self._call(image, lambda: runtime.caption(length, sd, None))
+        result = _task_result(req)
+        assert result.text is not None
+        return TextResult(
+            text=result.text.text, finish_reason=result.text.finish_reason, metrics=_metrics(req)
+        )
+
+    def stream_caption(
+        self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
+    ) -> AsyncIterator[str]:
+        runtime = self._check_ready()
+        sd = settings_dict(settings)
+        return self._stream(image, lambda on_text: runtime.caption(length, sd, on_text))
+
+    async def query(
+        self,
+        image: Image.Image | None,
+        question: str,
+        *,
+        reasoning: bool,
+        spatial_refs: Sequence[SpatialRef],
+        settings: SamplingSettings,
+    ) -> QueryResult:
+        runtime = self._check_ready()
+        sd = settings_dict(settings)
+        refs = [list(r) for r in spatial_refs] or None
+        req = await self._call(
+            image,
+            lambda: runtime.query(
+                question,
+                sd,
+                with_image=image is not None,
+                reasoning=reasoning,
+                spatial_refs=refs,
+                on_text=None,
+            ),
+        )
+        result = _task_result(req)
+        assert result.text is not None
+        return QueryResult(
+            text=result.text.text,
+            finish_reason=result.text.finish_reason,
+            metrics=_metrics(req),
+            reasoning=_reasoning(result) if reasoning else None,
+        )
+
+    def stream_query(
+        self,
+        image: Image.Image | None,
+        question: str,
+        *,
+        spatial_refs: Sequence[SpatialRef],
+        settings: SamplingSettings,
+    ) -> AsyncIterator[str]:
+        runtime = self._check_ready()
+        sd = settings_dict(settings)
+        refs = [list(r) for r in spatial_refs] or None
+        return self._stream(
+            image,
+            lambda on_text: runtime.query(
+                question,
+                sd,
+                with_image=image is not None,
+                reasoning=False,
+                spatial_refs=refs,
+                on_text=on_text,
+            ),
+        )
+
+    async def detect(self, image: Image.Image, obj: str, settings: SamplingSettings) -> DetectResult:
+        runtime = self._check_ready()
+        sd = settings_dict(settings)
+        req = await self._call(image, lambda: runtime.region("detect", obj, sd))
+        objects = _task_result(req).objects
+        boxes = [
+            Box(float(o["x_min"]), float(o["y_min"]), float(o["x_max"]), float(o["y_max"])) for o in objects
+        ]
+        return DetectResult(objects=boxes, metrics=_metrics(req))
+
+    async def point(self, image: Image.Image, obj: str, settings: SamplingSettings) -> PointResult:
+        runtime = self._check_ready()
+        sd = settings_dict(settings)
+        req = await self._call(image, lambda: runtime.region("point", obj, sd))
+        points = [Point(float(p["x"]), float(p["y"])) for p in _task_result(req).objects]
+        return PointResult(points=points, metrics=_metrics(req))
+
+
+def _validated(build: Callable[[], Program]) -> Program:
+    """Build a program; request errors (ValueError) become InvalidRequestError at once."""
+    try:
+        return build()
+    except Exception as exc:
+        raise request_error(exc) from exc
+
+
+def _task_result(req: Request) -> TaskResult:
+    result = req.result
+    if not isinstance(result, TaskResult):
+        raise RuntimeError("the program returned no result")
+    return result
+
+
+def _metrics(req: Request) -> Metrics:
+    result = req.result if isinstance(req.result, TaskResult) else TaskResult()
+    start = req.started_at if req.started_at is not None else req.submitted_at
+    first = req.first_output_at if req.first_output_at is not None else start
+    end = req.finished_at if req.finished_at is not None else first
+    return Metrics(
+        input_tokens=result.prompt_tokens,
+        output_tokens=len(result.text.tokens) if result.text is not None else 0,
+        prefill_time_ms=_ms(first - start),
+        decode_time_ms=_ms(end - first),
+        ttft_ms=_ms(first - req.submitted_at),
+    )
+
+
+def _reasoning(result: TaskResult) -> Reasoning:
+    spans: list[GroundingSpan] = []
+    for g in result.grounding:
+        raw_points: Any = g.get("points", [])
+        start: Any = g["start_idx"]
+        end: Any = g["end_idx"]
+        spans.append(
+            GroundingSpan(
+                start_idx=int(start),
+                end_idx=int(end),
+                points=[(float(p[0]), float(p[1])) for p in raw_points],
+            )
+        )
+    return Reasoning(text=result.reasoning_text or "", grounding=spans)
+
+
+def create_engine(settings: Settings) -> BatchedEngine:
+    """The factory ``engine/loader.py`` calls when ``settings.engine == "batched"``."""
+
+    def load() -> Moondream:
+        from moondream_server.model import load as load_model  # torch is imported here
+
+        return load_model(
+            settings.model, revision=settings.revision, device=settings.device, dtype=settings.dtype
+        )
+
+    info = EngineInfo(
+        model_id=settings.model, revision=settings.revision, device=settings.device, dtype=settings.dtype
+    )
+    return BatchedEngine(
+        load,
+        info=info,
+        max_queue=settings.max_queue,
+        request_timeout_s=settings.request_timeout_s,
+        max_batch_size=settings.max_batch_size,
+        image_cache_mb=settings.image_cache_mb,
+        threads=settings.threads,
+    )

@@ -1,0 +1,259 @@
+"""The narrow interface between the scheduler and the model.
+
+The scheduler never touches modules or caches itself: it asks a ``Runtime`` to encode images,
+to open sequences and to run one packed forward step. ``ModelRuntime`` implements it over
+``Moondream``; the scheduler's tests implement it with a fake that has no weights.
+
+Sequences and encoded images are opaque to the scheduler (``Any``); it only reads
+``x.shape[0]`` (the number of positions) of the inputs programs yield.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from moondream_server.engine.image_cache import image_content_key
+from moondream_server.model.decoding import (
+    Program,
+    StepOutput,
+    caption_program,
+    query_program,
+    region_program,
+)
+from moondream_server.model.kv_cache import KVCache
+from moondream_server.model.moondream import EncodedImage, Moondream, validate_spatial_refs
+from moondream_server.model.sampling import TextSettings
+from moondream_server.model.text import SeqSlice
+
+OnText = Callable[[str], None]
+
+
+@dataclass
+class StepItem:
+    """One sequence's share of a packed step."""
+
+    seq: Any  # a handle from new_sequence / new_image_sequence
+    x: torch.Tensor  # [n, dim] input embeddings, written at the sequence's next positions
+    want_output: bool  # the program needs the output of the last position
+
+
+class Runtime(Protocol):
+    @property
+    def prefix_len(self) -> int:
+        """Positions of an image prefix (BOS + image tokens)."""
+        ...
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """Context entered around every scheduler iteration (e.g. torch.inference_mode)."""
+        ...
+
+    def image_key(self, image: Any) -> Hashable:
+        """Content key of an image (equal pixels and model => equal key)."""
+        ...
+
+    def embed_images(self, images: Sequence[Any]) -> list[Any]:
+        """Vision encoder for several images in one pass; one embedding per image."""
+        ...
+
+    def image_prefill_input(self, embedding: Any) -> torch.Tensor:
+        """The [prefix_len, dim] input of an image prefill (BOS + image embeddings)."""
+        ...
+
+    def new_image_sequence(self) -> Any:
+        """An empty sequence whose first prefix_len positions attend bidirectionally."""
+        ...
+
+    def snapshot_image(self, seq: Any) -> Any:
+        """A copy of the image prefix of a sequence whose image prefill is done (cacheable)."""
+        ...
+
+    def image_nbytes(self, encoded: Any) -> int: ...
+
+    def new_sequence(self, encoded: Any | None) -> Any:
+        """A sequence starting from an encoded image (a copy), or empty for text-only requests."""
+        ...
+
+    def forward(self, items: Sequence[StepItem]) -> list[StepOutput | None]:
+        """One packed forward over all items; the output of each item that wants one."""
+        ...
+
+
+@dataclass
+class ModelSeq:
+    cache: KVCache
+    prefix: int
+
+
+def _text_settings(settings: dict[str, Any] | None) -> TextSettings:
+    return TextSettings.parse(settings)
+
+
+class ModelRuntime:
+    """``Runtime`` over a loaded ``Moondream``; also builds the task programs the engine submits."""
+
+    def __init__(self, model: Moondream, *, max_vision_crops: int = 64) -> None:
+        self.model = model
+        self.text = model.net.text
+        self.vision = model.net.vision
+        self.max_vision_crops = max_vision_crops
+        self.model_key = f"{model.model_id}@{model.revision or ''}"
+        # counters, read by tests and logs
+        self.vision_calls = 0
+        self.images_embedded = 0
+        self.forward_calls = 0
+
+    @property
+    def prefix_len(self) -> int:
+        return self.model.prefix_len
+
+    @property
+    def max_context(self) -> int:
+        return self.model.config.text.max_context
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return torch.inference_mode()
+
+    # -- images ------------------------------------------------------------------------------
+    def image_key(self, image: Any) -> Hashable:
+        if not isinstance(image, Image.Image):
+            raise TypeError("image must be a PIL image")
+        return image_content_key(image, self.model_key)
+
+    def embed_images(self, images: Sequence[Any]) -> list[Any]:
+        crops = [self.model.crops(im) for im in images]
+        features: list[torch.Tensor] = []
+        pending: list[np.ndarray[Any, Any]] = []
+        count = 0
+
+        def flush() -> None:
+            nonlocal count
+            if pending:
+                pixels = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                features.append(self.vision.encode(self.vision.normalize(pixels)))
+                self.vision_calls += 1
+                pending.clear()
+                count = 0
+
+        # All crops of several images in one encoder call (bounded, to cap activation memory).
+        for c in crops:
+            if pending and count + c.pixels.shape[0] > self.max_vision_crops:
+                flush()
+            pending.append(c.pixels)
+            count += c.pixels.shape[0]
+        flush()
+        all_features = torch.cat(features) if len(features) > 1 else features[0]
+        out: list[Any] = []
+        start = 0
+        for c in crops:
+            n = c.pixels.shape[0]
+            out.append(self.vision.embed(all_features[start : start + n], c.tiling))
+            start += n
+        self.images_embedded += len(images)
+        return out
+
+    def image_prefill_input(self, embedding: Any) -> torch.Tensor:
+        bos = self.text.embed([self.model.config.tokenizer.bos_id])
+        return torch.cat([bos, embedding])
+
+    def new_image_sequence(self) -> ModelSeq:
+        return ModelSeq(self.text.new_cache(capacity=self.prefix_len + 64), self.prefix_len)
+
+    def snapshot_image(self, seq: Any) -> EncodedImage:
+        assert isinstance(seq, ModelSeq)
+        k, v = seq.cache.prefix(self.prefix_len)
+        return EncodedImage(pos=self.prefix_len, k=k, v=v)
+
+    def image_nbytes(self, encoded: Any) -> int:
+        assert isinstance(encoded, EncodedImage)
+        return encoded.nbytes
+
+    def new_sequence(self, encoded: Any | None) -> ModelSeq:
+        cache, prefix = self.model.start_cache(encoded)
+        return ModelSeq(cache, prefix)
+
+    # -- the packed step ---------------------------------------------------------------------
+    def forward(self, items: Sequence[StepItem]) -> list[StepOutput | None]:
+        if not items:
+            return []
+        x = torch.cat([it.x for it in items]) if len(items) > 1 else items[0].x
+        seqs = [SeqSlice(it.seq.cache, it.x.shape[0], prefix=it.seq.prefix) for it in items]
+        hidden = self.text(x, seqs)
+        self.forward_calls += 1
+        rows: list[int] = []
+        end = 0
+        for it in items:
+            end += it.x.shape[0]
+            if it.want_output:
+                rows.append(end - 1)
+        outputs: list[StepOutput | None] = [None] * len(items)
+        if rows:
+            last = hidden[rows]
+            logits = self.text.logits(last).float()
+            k = 0
+            for i, it in enumerate(items):
+                if it.want_output:
+                    outputs[i] = StepOutput(hidden=last[k], logits=logits[k])
+                    k += 1
+        return outputs
+
+    # -- programs (validated at submission; they run on the scheduler thread) ---------------
+    def _context_left(self, with_image: bool) -> int:
+        return self.max_context - (self.prefix_len if with_image else 0)
+
+    def caption(self, length: str, settings: dict[str, Any] | None, on_text: OnText | None) -> Program:
+        parsed = _text_settings(settings)
+        if length not in self.model.config.tokenizer.templates["caption"]:
+            raise ValueError(f"unsupported caption length {length!r}")
+        return caption_program(self.model.ctx, length, parsed, self._context_left(True), on_text)
+
+    def query(
+        self,
+        question: str,
+        settings: dict[str, Any] | None,
+        *,
+        with_image: bool,
+        reasoning: bool,
+        spatial_refs: Sequence[Sequence[float]] | None,
+        on_text: OnText | None,
+    ) -> Program:
+        if spatial_refs and not with_image:
+            raise ValueError("spatial_refs can only be used with an image")
+        validate_spatial_refs(spatial_refs)
+        parsed = _text_settings(settings)
+        return query_program(
+            self.model.ctx,
+            self.model.encode_text(question),
+            parsed,
+            self._context_left(with_image),
+            with_image=with_image,
+            reasoning=reasoning,
+            spatial_refs=spatial_refs or None,
+            on_text=on_text,
+        )
+
+    def region(self, task: Literal["detect", "point"], obj: str, settings: dict[str, Any] | None) -> Program:
+        parsed = _text_settings(settings)
+        return region_program(
+            self.model.ctx,
+            task,
+            self.model.encode_text(" " + obj),
+            parsed.max_objects,
+            self._context_left(True),
+        )
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def null_session() -> contextlib.AbstractContextManager[None]:
+    """A session context that does nothing (for runtimes without torch state)."""
+    return _nothing()

@@ -1,0 +1,503 @@
+"""Continuous batching: one thread owns the model and advances many requests per forward step.
+
+Every request is a decode *program* (``model/decoding.py``): a generator that yields the input
+embeddings it wants fed next and receives the output of the last fed position. The scheduler
+keeps up to ``max_batch_size`` programs active and, on every iteration:
+
+1. drops requests that were cancelled or passed their deadline (waiting or active), freeing
+   their slots;
+2. admits waiting requests in FIFO order into free slots. A request about an image first looks
+   the image up in the image cache (hit: its sequence starts from a copy of the cached prefix);
+   a request about an image another active request is already encoding waits for that one;
+3. runs the vision encoder once for the crops of all newly needed images;
+4. runs ONE packed text-model forward over the decode tokens of every running sequence, the
+   prompt prefills of new ones (chunked so the step stays under ``max_step_tokens``) and image
+   prefills (730 positions; never chunked, so a step exceeds the budget by at most one image
+   prefix). Outputs go back to the programs, which yield their next input or finish.
+
+Errors raised by one program (e.g. a prompt that does not fit) fail that request only; an
+exception in the forward or the vision pass fails the requests it involved, and the thread
+keeps serving. The scheduler can also be driven by hand (``run_once``) for tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from moondream_server.engine.errors import (
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    NotReadyError,
+    QueueFullError,
+)
+from moondream_server.engine.image_cache import ImageCache
+from moondream_server.engine.runtime import Runtime, StepItem
+from moondream_server.model.decoding import Program, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+class CancelledRequestError(EngineError):
+    """The caller stopped waiting (disconnect, closed stream); nobody reads this error."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One submitted task. ``on_done`` is called exactly once, on the scheduler thread."""
+
+    program: Program
+    image: Any | None  # what Runtime.image_key / embed_images take; None = text only
+    deadline: float  # on the scheduler's clock
+    on_done: Callable[[Request], None] = lambda _r: None
+    result: Any = None  # the program's return value
+    error: BaseException | None = None
+    # timestamps on the scheduler's clock
+    submitted_at: float = 0.0
+    started_at: float | None = None  # got a slot
+    first_output_at: float | None = None  # prefill done (first output sent to the program)
+    finished_at: float | None = None
+    image_cache_hit: bool = False
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _done: bool = False
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request at its next step (thread-safe, idempotent)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+
+Phase = Literal["need_vision", "wait_image", "image_prefill", "run"]
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: Request
+    order: int
+    phase: Phase = "run"
+    key: Hashable | None = None
+    handle: Any = None
+    pending: Any = None  # input still to feed (a tensor-like with shape[0])
+    decoding: bool = False  # got its first output: later inputs are decode steps
+    followers: list[_Seq] = field(default_factory=list)  # waiting for this seq's image
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    step_tokens: int = 0
+    max_step_tokens: int = 0
+    vision_passes: int = 0
+    images_encoded: int = 0
+    image_prefills: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    rejected: int = 0
+    step_sizes: list[int] = field(default_factory=list)  # sequences per step (recent)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        max_step_tokens: int = 1024,
+        max_images_per_step: int = 8,
+        image_cache: ImageCache[Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        min_prefill_chunk: int = 32,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 0 or max_step_tokens < 1 or max_images_per_step < 1:
+            raise ValueError("scheduler limits must be positive")
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_step_tokens = max_step_tokens
+        self.max_images_per_step = max_images_per_step
+        self.min_prefill_chunk = min_prefill_chunk
+        self.image_cache = image_cache
+        self.clock = clock
+        self.stats = SchedulerStats()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[_Seq] = []
+        self._inflight: dict[Hashable, _Seq] = {}  # image key -> the seq encoding it
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- submission (any thread) -------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Queue a request; raises QueueFullError at once when ``max_queue`` are already waiting."""
+        with self._cond:
+            if self._closed:
+                raise NotReadyError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self._purge_waiting_locked()
+            if len(self._waiting) >= self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFullError(
+                    f"the request queue is full ({self.max_queue} waiting)",
+                    retry_after_s=self._retry_after_locked(),
+                )
+            req.submitted_at = self.clock()
+            self._waiting.append(req)
+            self._cond.notify()
+
+    def _purge_waiting_locked(self) -> None:
+        """Drop waiting requests nobody waits for any more, so they do not hold queue places."""
+        if not any(r.cancelled for r in self._waiting):
+            return
+        keep: collections.deque[Request] = collections.deque()
+        for r in self._waiting:
+            if r.cancelled:
+                self._finish(r, error=CancelledRequestError("cancelled"))
+            else:
+                keep.append(r)
+        self._waiting = keep
+
+    def _retry_after_locked(self) -> float:
+        return 1.0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    # -- the thread --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("scheduler already started")
+        self._thread = threading.Thread(target=self._loop, name="moondream-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fail every waiting and active request with NotReadyError and end the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            self._thread = None
+        self._shutdown_requests()
+
+    def _shutdown_requests(self) -> None:
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for r in waiting:
+            self._finish(r, error=NotReadyError("the server is shutting down"))
+        for s in list(self._active):
+            self._drop(s, NotReadyError("the server is shutting down"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._active:
+                    self._cond.wait(1.0)
+                if self._closed:
+                    return
+            try:
+                busy = self.run_once()
+            except Exception:  # never let the thread die; run_once already failed the requests
+                log.exception("unexpected error in the scheduler loop")
+                busy = False
+            if not busy:
+                with self._cond:
+                    self._cond.wait(0.01)
+
+    # -- one iteration -----------------------------------------------------------------------
+    def run_once(self) -> bool:
+        """Reap, admit, encode and run one packed step. Returns False when there was nothing to do."""
+        with self.runtime.session():
+            now = self.clock()
+            self._reap(now)
+            self._admit(now)
+            did_vision = self._vision()
+            did_step = self._step()
+        return did_vision or did_step
+
+    def _reap(self, now: float) -> None:
+        expired: list[Request] = []
+        cancelled: list[Request] = []
+        with self._cond:
+            if any(r.cancelled or now > r.deadline for r in self._waiting):
+                keep: collections.deque[Request] = collections.deque()
+                for r in self._waiting:
+                    if r.cancelled:
+                        cancelled.append(r)
+                    elif now > r.deadline:
+                        expired.append(r)
+                    else:
+                        keep.append(r)
+                self._waiting = keep
+        for r in cancelled:
+            self._finish(r, error=CancelledRequestError("cancelled"))
+        for r in expired:
+            self._finish(r, error=DeadlineExceededError("the request timed out while waiting in the queue"))
+        for s in list(self._active):
+            if s.req.cancelled:
+                self._drop(s, CancelledRequestError("cancelled"))
+            elif now > s.req.deadline:
+                self._drop(s, DeadlineExceededError("the request did not finish before its deadline"))
+
+    def _admit(self, now: float) -> None:
+        admitted: list[Request] = []
+        with self._cond:
+            while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
+                admitted.append(self._waiting.popleft())
+        for r in admitted:
+            r.started_at = now
+            seq = _Seq(req=r, order=next(self._order))
+            self._active.append(seq)
+            if r.image is None:
+                self._begin(seq, None)
+                continue
+            try:
+                seq.key = self.runtime.image_key(r.image)
+            except Exception as exc:
+                self._drop(seq, request_error(exc))
+                continue
+            cached = self.image_cache.get(seq.key) if self.image_cache is not None else None
+            if cached is not None:
+                r.image_cache_hit = True
+                self._begin(seq, cached)
+            elif seq.key in self._inflight:
+                seq.phase = "wait_image"
+                self._inflight[seq.key].followers.append(seq)
+            else:
+                seq.phase = "need_vision"
+                self._inflight[seq.key] = seq
+
+    def _begin(self, seq: _Seq, encoded: Any | None) -> None:
+        """Open the sequence (from an encoded image or empty) and start its program."""
+        try:
+            if seq.handle is None:
+                seq.handle = self.runtime.new_sequence(encoded)
+            seq.phase = "run"
+            seq.pending = next(seq.req.program)
+        except StopIteration as stop:
+            self._complete(seq, stop.value)
+        except Exception as exc:
+            self._drop(seq, request_error(exc))
+
+    def _vision(self) -> bool:
+        todo = [s for s in self._active if s.phase == "need_vision"][: self.max_images_per_step]
+        if not todo:
+            return False
+        try:
+            embeddings = self.runtime.embed_images([s.req.image for s in todo])
+        except Exception as exc:
+            if len(todo) == 1:
+                log.warning("vision encoder failed: %s", exc)
+                self._drop(todo[0], request_error(exc), fail_followers=True)
+                return True
+            log.warning("vision encoder failed on a batch of %d images; retrying one by one", len(todo))
+            embeddings = []
+            for s in todo:
+                try:
+                    embeddings.extend(self.runtime.embed_images([s.req.image]))
+                except Exception as one_exc:
+                    embeddings.append(None)
+                    self._drop(s, request_error(one_exc), fail_followers=True)
+        self.stats.vision_passes += 1
+        for s, emb in zip(todo, embeddings, strict=True):
+            if emb is None or s not in self._active:
+                continue
+            self.stats.images_encoded += 1
+            try:
+                s.handle = self.runtime.new_image_sequence()
+                s.pending = self.runtime.image_prefill_input(emb)
+            except Exception as exc:
+                self._drop(s, request_error(exc), fail_followers=True)
+                continue
+            s.phase = "image_prefill"
+        return True
+
+    def _plan(self) -> list[tuple[_Seq, int]]:
+        """Which sequences feed how many positions this step."""
+        plan: list[tuple[_Seq, int]] = []
+        total = 0
+        ready = [s for s in self._active if s.phase in ("run", "image_prefill") and s.pending is not None]
+        # Running decodes first: they are never held back, so their latency stays bounded.
+        for s in ready:
+            if s.decoding:
+                n = int(s.pending.shape[0])
+                plan.append((s, n))
+                total += n
+        any_prefill = False
+        for s in sorted((s for s in ready if not s.decoding), key=lambda s: s.order):
+            n = int(s.pending.shape[0])
+            room = self.max_step_tokens - total
+            if s.phase == "image_prefill":
+                # Cannot be chunked (the image prefix attends bidirectionally).
+                if n > room and any_prefill:
+                    continue
+                take = n
+            elif n <= room:
+                take = n
+            elif room >= self.min_prefill_chunk or (not any_prefill and room > 0):
+                take = room
+            elif not any_prefill:
+                take = min(n, self.min_prefill_chunk)
+            else:
+                continue
+            plan.append((s, take))
+            total += take
+            any_prefill = True
+        return plan
+
+    def _step(self) -> bool:
+        plan = self._plan()
+        if not plan:
+            return False
+        items: list[StepItem] = []
+        for s, take in plan:
+            n = int(s.pending.shape[0])
+            x = s.pending if take == n else s.pending[:take]
+            items.append(StepItem(seq=s.handle, x=x, want_output=take == n and s.phase == "run"))
+        try:
+            outputs = self.runtime.forward(items)
+        except Exception as exc:
+            log.exception("forward step failed; failing the %d requests in it", len(plan))
+            for s, _ in plan:
+                self._drop(s, exc, fail_followers=True)
+            return True
+        tokens = sum(t for _, t in plan)
+        self.stats.steps += 1
+        self.stats.step_tokens += tokens
+        self.stats.max_step_tokens = max(self.stats.max_step_tokens, tokens)
+        self.stats.step_sizes.append(len(plan))
+        if len(self.stats.step_sizes) > 1024:
+            del self.stats.step_sizes[:512]
+        now = self.clock()
+        for (s, take), out in zip(plan, outputs, strict=True):
+            n = int(s.pending.shape[0])
+            if take < n:
+                s.pending = s.pending[take:]
+                continue
+            s.pending = None
+            if s.phase == "image_prefill":
+                self._image_ready(s)
+            else:
+                assert out is not None
+                self._advance(s, out, now)
+        return True
+
+    def _image_ready(self, s: _Seq) -> None:
+        self.stats.image_prefills += 1
+        encoded: Any = None
+        try:
+            encoded = self.runtime.snapshot_image(s.handle)
+        except Exception as exc:
+            self._drop(s, request_error(exc), fail_followers=True)
+            return
+        if s.key is not None:
+            self._inflight.pop(s.key, None)
+            if self.image_cache is not None:
+                self.image_cache.put(s.key, encoded)
+        followers, s.followers = s.followers, []
+        self._begin(s, None)  # continues in the sequence that holds the prefix
+        for f in followers:
+            if f in self._active:
+                self._begin(f, encoded)
+
+    def _advance(self, s: _Seq, out: StepOutput, now: float) -> None:
+        if s.req.first_output_at is None:
+            s.req.first_output_at = now
+        s.decoding = True
+        try:
+            s.pending = s.req.program.send(out)
+        except StopIteration as stop:
+            self._complete(s, stop.value)
+        except Exception as exc:
+            self._drop(s, request_error(exc))
+
+    # -- leaving -----------------------------------------------------------------------------
+    def _complete(self, s: _Seq, value: Any) -> None:
+        self._remove(s)
+        self.stats.completed += 1
+        self._finish(s.req, result=value)
+
+    def _drop(self, s: _Seq, error: BaseException, *, fail_followers: bool = False) -> None:
+        """Remove a sequence with an error; its followers get the error or take over the image."""
+        self._remove(s)
+        with contextlib.suppress(Exception):
+            s.req.program.close()
+        if isinstance(error, CancelledRequestError):
+            self.stats.cancelled += 1
+        elif isinstance(error, DeadlineExceededError):
+            self.stats.expired += 1
+        else:
+            self.stats.failed += 1
+        self._finish(s.req, error=error)
+        followers = [f for f in s.followers if f in self._active]
+        s.followers = []
+        if not followers:
+            return
+        if fail_followers:
+            for f in followers:
+                self._drop(f, error)
+            return
+        # The owner left before its image was ready: the first follower encodes it instead.
+        heir, rest = followers[0], followers[1:]
+        heir.phase = "need_vision"
+        heir.followers = rest
+        if heir.key is not None:
+            self._inflight[heir.key] = heir
+
+    def _remove(self, s: _Seq) -> None:
+        if s in self._active:
+            self._active.remove(s)
+        if s.key is not None and self._inflight.get(s.key) is s:
+            del self._inflight[s.key]
+        if s.phase == "wait_image" and s.key is not None:
+            owner = self._inflight.get(s.key)
+            if owner is not None and s in owner.followers:
+                owner.followers.remove(s)
+        s.handle = None
+        s.pending = None
+
+    def _finish(self, req: Request, *, result: Any = None, error: BaseException | None = None) -> None:
+        if req._done:
+            return
+        req._done = True
+        req.result = result
+        req.error = error
+        req.finished_at = self.clock()
+        try:
+            req.on_done(req)
+        except Exception:
+            log.exception("a request's completion callback failed")
+
+
+def request_error(exc: BaseException) -> BaseException:
+    """Errors caused by the request itself become InvalidRequestError (HTTP 400)."""
+    if isinstance(exc, EngineError):
+        return exc
+    if isinstance(exc, ValueError):
+        return InvalidRequestError(str(exc) or "invalid request")
+    return exc
