@@ -9,10 +9,17 @@ ARGS ?=
 
 .PHONY: run test setup lint typecheck bench clean
 
+# The server alone: what `make run` needs.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -e .
+	touch $@
+
+# Test and lint tools on top. The official client is installed without its dependencies: its
+# `kestrel` dependency only serves in-process GPU inference and would pull a CUDA torch.
+$(VENV)/.dev-installed: $(VENV)/.installed
 	$(PY) -m pip install -e ".[dev]"
 	$(PY) -m pip install --no-deps "moondream==2.6.1"
 	touch $@
@@ -22,15 +29,15 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/moondream-server $(ARGS)
 
-lint: setup
+lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
-test: setup lint
+test: $(VENV)/.dev-installed lint
 	$(PY) -m pytest
 
-bench: setup
+bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/model_bench.py
 
 clean:
