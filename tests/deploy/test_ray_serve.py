@@ -165,3 +165,20 @@ def test_two_replicas_serve_concurrent_requests(ray_serve_url: str) -> None:
     replicas = {r.headers[REPLICA_HEADER] for r in responses}
     assert len(replicas) == 2, f"both replicas should serve some requests, got {replicas}"
     assert elapsed < 60, elapsed
+
+
+def test_serve_config_file() -> None:
+    """deploy/ray/serve.yaml is a valid Serve config whose args the builder accepts."""
+    _import_ray_serve()
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "deploy/ray/serve.yaml").read_text(encoding="utf-8"))
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.port == 8001
+    (application,) = config["applications"]
+    assert application["import_path"] == "moondream_server.deploy.ray_serve:app_builder"
+    settings, scale = split_args(application["args"])
+    options = deployment_options(settings, scale)
+    assert options["autoscaling_config"]["max_replicas"] == 4
+    assert options["ray_actor_options"]["num_gpus"] == 1
