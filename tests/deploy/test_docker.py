@@ -196,15 +196,21 @@ def test_install_steps_match_makefile(dockerfile: Dockerfile) -> None:
 
 
 def test_readme_commands_match() -> None:
+    """The README installs through the Makefile (checked above) or `pip install .`, with the same torch
+    pin, CUDA wheel index, console script and port as the images."""
     if not (REPO / "README.md").exists():
         pytest.skip("README.md not written yet (the images do not need it)")
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     pin = torch_pin()
-    assert set(re.findall(r"torch==([\w.+]+)", readme)) <= {pin}, "README pins another torch"
+    assert set(re.findall(r"torch==([\w.+]+)", readme)) == {pin}, "README names another torch"
+    gpu_index = parse_dockerfile(REPO / "Dockerfile").args()["TORCH_INDEX_URL"]
+    indexes = set(re.findall(r"https://download\.pytorch\.org/whl/\w+", readme))
+    assert indexes <= {gpu_index}, f"README's CUDA wheel index {indexes} differs from the image's {gpu_index}"
     assert "moondream-server" in readme
     assert "8001" in readme
-    local_installs = re.findall(r"pip install[^\n`]*?\s(\.(?:\[[\w,]+\])?)(?=[\s\"'`]|$)", readme)
-    assert local_installs, "the README installs the package from the checkout (pip install .)"
+    installs_from_checkout = re.search(r"pip install[^\n`]*\s\.(\[[\w,]+\])?(\s|`|$)", readme)
+    assert "make run" in readme or installs_from_checkout, "README installs the package from the checkout"
+    assert "docs/deploy.md" in readme, "README points to the deployment guide"
 
 
 def test_copy_sources_exist_and_are_not_dockerignored(dockerfile: Dockerfile) -> None:
