@@ -1,0 +1,96 @@
+"""Quick golden check (a throwaway, not the test suite): all task outputs on the tiny golden sets.
+
+In float32 without quantisation every output must match (46/46, 46/46, 19/19). With --dtype
+bfloat16 or --quantize it reports the drift instead: how many greedy outputs still match, and
+the max abs difference of the first-step caption logits against the golden float32 logits.
+
+    .venv/bin/python benchmarks/golden_check.py
+    .venv/bin/python benchmarks/golden_check.py --dtype bfloat16
+    .venv/bin/python benchmarks/golden_check.py --quantize int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from moondream_server.model import load  # noqa: E402
+from moondream_server.model.text import SeqSlice  # noqa: E402
+
+SETS = [
+    ("tests/fixtures/moondream2-tiny", "", "pil"),
+    ("tests/fixtures/moondream2-tiny", "vips/", "vips"),
+    ("tests/fixtures/moondream2-tiny-mh", "", "pil"),
+]
+
+
+def run(folder: str, sub: str, resampler: str, dtype: str, quantize: str | None) -> bool:
+    kwargs: dict[str, Any] = {"device": "cpu", "dtype": dtype, "resampler": resampler}
+    if quantize:
+        kwargs["quantize"] = quantize
+    m = load(str(ROOT / folder), **kwargs)
+    base = ROOT / folder / sub
+    expected = json.loads((base / "expected.json").read_text())
+    golden = load_file(str(base / "expected.safetensors"))
+    s = {"max_tokens": 12, "temperature": 0.0}
+    bad = n = 0
+    logit_diff = 0.0
+    for name, im in expected["images"].items():
+        enc = m.encode_image(Image.open(ROOT / folder / im["file"]))
+        key = f"{name}_caption_normal_logits0"
+        if key in golden:
+            ids = list(m.config.tokenizer.templates["caption"]["normal"])
+            cache, prefix = m.start_cache(enc)
+            logits = m.step(m.ctx.embed(ids), SeqSlice(cache, len(ids), prefix=prefix)).logits
+            logit_diff = max(logit_diff, (logits.float() - golden[key]).abs().max().item())
+        t = im["tasks"]
+        got = {
+            "caption_short": m.caption(enc, "short", settings=s),
+            "caption_normal": m.caption(enc, "normal", settings=s),
+            "caption_long": m.caption(enc, "long", settings=s),
+            "query": m.query(enc, "What is in this image?", settings=s),
+            "query_spatial_point": m.query(
+                enc, "What is in this image?", spatial_refs=[[0.25, 0.5]], settings=s
+            ),
+            "query_spatial_box": m.query(
+                enc, "What is in this image?", spatial_refs=[[0.1, 0.2, 0.6, 0.7]], settings=s
+            ),
+            "detect": m.detect(enc, "cat", settings={"max_objects": 4}),
+            "point": m.point(enc, "cat", settings={"max_objects": 4}),
+            "query_reasoning": m.query(enc, "What is in this image?", reasoning=True, settings=s),
+        }
+        for k, v in got.items():
+            n += 1
+            exp = t[k]["result"]
+            if json.loads(json.dumps(v)) != exp:
+                bad += 1
+                print("MISMATCH", name, k, "\n got", v, "\n exp", exp)
+    q = m.query(None, "What is in this image?", settings=s)
+    n += 1
+    if q != expected["text_only"]["q0"]["result"]:
+        bad += 1
+        print("MISMATCH text-only", q, expected["text_only"]["q0"]["result"])
+    print(f"{folder} {sub} {n - bad}/{n} ok; first-step logits max abs diff {logit_diff:.3g}", flush=True)
+    return bad == 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", default=None)
+    args = p.parse_args()
+    ok = [run(folder, sub, res, args.dtype, args.quantize) for folder, sub, res in SETS]
+    raise SystemExit(0 if all(ok) else 1)
+
+
+if __name__ == "__main__":
+    main()
