@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import os
 import socket
 import time
 import warnings
@@ -91,6 +92,10 @@ def test_builder_returns_an_application() -> None:
 
 
 def _import_ray_serve() -> ModuleType:
+    # Local Ray only, set before ray is first imported (it reads them then): no usage reporting, and
+    # Ray's local-only mode, in which every Ray service binds and dials 127.0.0.1, not the host address.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ray's own deprecation warnings; pytest turns warnings into errors
         pytest.importorskip("ray")
@@ -104,7 +109,7 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_serve_url() -> Iterator[str]:
     serve = _import_ray_serve()
     import ray
