@@ -1,0 +1,176 @@
+"""The official ``moondream==2.6.1`` client against the live server, unchanged:
+``md.vl(endpoint="http://127.0.0.1:PORT/v1", api_key=...)``.
+
+Expected values come from the model called directly on the image the client actually uploads
+(it re-encodes every image as JPEG q95; we decode that same data URL with Pillow here).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import urllib.error
+from collections.abc import Iterator
+from typing import Any
+
+import moondream as md
+import pytest
+from PIL import Image
+
+from moondream_server.model import Moondream
+from tests.api.support import GREEDY, IMAGES, LiveServer, tiny_settings
+
+IMG1, IMG2, *_ = IMAGES
+QUESTION = "What is in this image?"
+KEY = "test-key-123"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib honours http_proxy even for 127.0.0.1 (see docs/api.md); keep the client direct."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="module")
+def keyed_server() -> Iterator[LiveServer]:
+    srv = LiveServer(tiny_settings(api_keys=KEY)).start()
+    yield srv
+    srv.stop()
+
+
+def uploaded(model: Any, img: Image.Image) -> Image.Image:
+    """The image exactly as the client sends it: its own JPEG data URL, decoded by Pillow."""
+    url: str = model.encode_image(img).image_url
+    assert url.startswith("data:image/jpeg;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as decoded:
+        return decoded.convert("RGB")
+
+
+@pytest.fixture
+def vl(server: LiveServer) -> Any:
+    return md.vl(endpoint=f"{server.base_url}/v1")
+
+
+@pytest.fixture(scope="module")
+def img1() -> Image.Image:
+    with Image.open(IMG1) as img:
+        return img.convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def img2() -> Image.Image:
+    with Image.open(IMG2) as img:
+        return img.copy()  # mode L: the client converts it to RGB itself
+
+
+@pytest.mark.parametrize("length", ["short", "normal", "long"])
+def test_caption(vl: Any, tiny_model: Moondream, img1: Image.Image, length: str) -> None:
+    settings = {"temperature": 0.0, "max_tokens": 40}
+    out = vl.caption(img1, length=length, settings=settings)
+    assert set(out) == {"caption"} and isinstance(out["caption"], str)
+    assert (
+        out["caption"] == tiny_model.caption(uploaded(vl, img1), length=length, settings=settings)["caption"]
+    )
+
+
+def test_caption_stream(vl: Any, tiny_model: Moondream, img1: Image.Image) -> None:
+    settings = {"temperature": 0.0, "max_tokens": 40}
+    out = vl.caption(img1, stream=True, settings=settings)
+    pieces = list(out["caption"])
+    assert all(isinstance(p, str) for p in pieces)
+    assert "".join(pieces) == tiny_model.caption(uploaded(vl, img1), settings=settings)["caption"]
+
+
+def test_query(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
+    out = vl.query(img2, QUESTION, settings=GREEDY)
+    assert set(out) == {"answer"}
+    assert out["answer"] == tiny_model.query(uploaded(vl, img2), QUESTION, settings=GREEDY)["answer"]
+
+
+def test_query_stream(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
+    out = vl.query(img2, QUESTION, stream=True, settings=GREEDY)
+    joined = "".join(out["answer"])
+    assert joined == vl.query(img2, QUESTION, settings=GREEDY)["answer"]
+    assert joined == tiny_model.query(uploaded(vl, img2), QUESTION, settings=GREEDY)["answer"]
+
+
+def test_query_reasoning(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
+    out = vl.query(img2, QUESTION, reasoning=True, settings=GREEDY)
+    want = tiny_model.query(uploaded(vl, img2), QUESTION, reasoning=True, settings=GREEDY)
+    assert set(out) == {"answer", "reasoning"}
+    assert out["answer"] == want["answer"]
+    assert out["reasoning"]["text"] == want["reasoning"]["text"]
+    assert isinstance(out["reasoning"]["grounding"], list)
+    assert len(out["reasoning"]["grounding"]) == len(want["reasoning"]["grounding"])
+    for span in out["reasoning"]["grounding"]:
+        assert {"start_idx", "end_idx", "points"} <= set(span)
+
+
+def test_query_text_only(vl: Any, tiny_model: Moondream) -> None:
+    out = vl.query(question=QUESTION, settings=GREEDY)
+    assert out["answer"] == tiny_model.query(None, QUESTION, settings=GREEDY)["answer"]
+
+
+def test_query_spatial_refs(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
+    refs = [[0.1, 0.2, 0.6, 0.7]]
+    out = vl.query(img2, QUESTION, spatial_refs=refs, settings=GREEDY)
+    want = tiny_model.query(uploaded(vl, img2), QUESTION, spatial_refs=refs, settings=GREEDY)
+    assert out["answer"] == want["answer"]
+
+
+def test_detect(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
+    out = vl.detect(img2, "cat", settings={"max_objects": 4})
+    assert set(out) == {"objects"}
+    want = tiny_model.detect(uploaded(vl, img2), "cat", settings={"max_objects": 4})["objects"]
+    assert out["objects"] == want
+    for box in out["objects"]:
+        assert set(box) == {"x_min", "y_min", "x_max", "y_max"}
+
+
+def test_point(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
+    out = vl.point(img2, "cat")
+    assert set(out) == {"points"}
+    assert out["points"] == tiny_model.point(uploaded(vl, img2), "cat")["points"]
+    for p in out["points"]:
+        assert set(p) == {"x", "y"} and 0.0 <= p["x"] <= 1.0 and 0.0 <= p["y"] <= 1.0
+
+
+def test_encoded_image_is_reusable_and_trailing_slash_endpoint_works(
+    server: LiveServer, img1: Image.Image
+) -> None:
+    vl_slash = md.vl(endpoint=f"{server.base_url}/v1/")  # the client then requests /v1//caption
+    encoded = vl_slash.encode_image(img1)
+    first = vl_slash.caption(encoded, settings=GREEDY)["caption"]
+    assert vl_slash.caption(encoded, settings=GREEDY)["caption"] == first
+
+
+def test_with_api_key(keyed_server: LiveServer, tiny_model: Moondream, img1: Image.Image) -> None:
+    vl = md.vl(endpoint=f"{keyed_server.base_url}/v1", api_key=KEY)
+    assert (
+        vl.caption(img1, settings=GREEDY)["caption"]
+        == tiny_model.caption(uploaded(vl, img1), settings=GREEDY)["caption"]
+    )
+    assert (
+        "".join(vl.query(img1, QUESTION, stream=True, settings=GREEDY)["answer"])
+        == (vl.query(img1, QUESTION, settings=GREEDY)["answer"])
+    )
+    assert isinstance(vl.detect(img1, "cat")["objects"], list)
+    assert isinstance(vl.point(img1, "cat")["points"], list)
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_missing_or_wrong_key_raises_http_401(
+    keyed_server: LiveServer, img1: Image.Image, key: str | None
+) -> None:
+    vl = md.vl(endpoint=f"{keyed_server.base_url}/v1", api_key=key)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        vl.caption(img1)
+    assert caught.value.code == 401
+    caught.value.close()
+    stream = vl.query(img1, QUESTION, stream=True)["answer"]
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        next(iter(stream))
+    assert caught.value.code == 401
+    caught.value.close()
