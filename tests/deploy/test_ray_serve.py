@@ -88,7 +88,24 @@ def test_builder_returns_an_application() -> None:
     assert isinstance(app, serve.Application)
 
 
-# --------------------------------------------------------------------------- live: 2 replicas
+def test_serve_config_file() -> None:
+    """deploy/ray/serve.yaml is a valid Serve config whose args the builder accepts."""
+    _import_ray_serve()
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "deploy/ray/serve.yaml").read_text(encoding="utf-8"))
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.port == 8001
+    (application,) = config["applications"]
+    assert application["import_path"] == "moondream_server.deploy.ray_serve:app_builder"
+    settings, scale = split_args(application["args"])
+    options = deployment_options(settings, scale)
+    assert options["autoscaling_config"]["max_replicas"] == 4
+    assert options["ray_actor_options"]["num_gpus"] == 1
+
+
+# --------------------------------------------------------------------------- live: a local Ray cluster
 
 
 def _import_ray_serve() -> ModuleType:
@@ -109,12 +126,11 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture
-def ray_serve_url() -> Iterator[str]:
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[tuple[ModuleType, str]]:
+    """Local Ray with Serve's HTTP proxy on 127.0.0.1; used by the last tests of this module only."""
     serve = _import_ray_serve()
     import ray
-
-    from moondream_server.deploy.ray_serve import app_builder
 
     port = _free_port()
     ray.init(
@@ -126,22 +142,31 @@ def ray_serve_url() -> Iterator[str]:
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = app_builder(
-            {
-                "model": str(TINY),
-                "device": "cpu",
-                "dtype": "float32",
-                "threads": "1",
-                "num_replicas": "2",
-                "num_cpus": "0.5",
-                "ready_timeout_s": "120",
-            }
-        )
-        serve.run(app, name="moondream", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        yield serve, f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_serve_url(ray_cluster: tuple[ModuleType, str]) -> Iterator[str]:
+    from moondream_server.deploy.ray_serve import app_builder
+
+    serve, url = ray_cluster
+    app = app_builder(
+        {
+            "model": str(TINY),
+            "device": "cpu",
+            "dtype": "float32",
+            "threads": "1",
+            "num_replicas": "2",
+            "num_cpus": "0.5",
+            "ready_timeout_s": "120",
+        }
+    )
+    serve.run(app, name="moondream", route_prefix="/")
+    yield url
+    serve.delete("moondream")
 
 
 @pytest.mark.slow
@@ -172,18 +197,15 @@ def test_two_replicas_serve_concurrent_requests(ray_serve_url: str) -> None:
     assert elapsed < 60, elapsed
 
 
-def test_serve_config_file() -> None:
-    """deploy/ray/serve.yaml is a valid Serve config whose args the builder accepts."""
-    _import_ray_serve()
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore")
+def test_a_model_that_fails_to_load_fails_the_deployment(ray_cluster: tuple[ModuleType, str]) -> None:
+    """No half-alive replica: a load error fails the replica's start, and Ray reports the deployment."""
+    from moondream_server.deploy.ray_serve import app_builder
 
-    config = yaml.safe_load((REPO / "deploy/ray/serve.yaml").read_text(encoding="utf-8"))
-    schema = ServeDeploySchema.model_validate(config)
-    assert schema.http_options.port == 8001
-    (application,) = config["applications"]
-    assert application["import_path"] == "moondream_server.deploy.ray_serve:app_builder"
-    settings, scale = split_args(application["args"])
-    options = deployment_options(settings, scale)
-    assert options["autoscaling_config"]["max_replicas"] == 4
-    assert options["ray_actor_options"]["num_gpus"] == 1
+    serve, _ = ray_cluster
+    app = app_builder({"model": "/nonexistent/moondream", "device": "cpu", "num_cpus": "0.5"})
+    with pytest.raises(RuntimeError, match="failed"):
+        serve.run(app, name="broken", route_prefix="/broken")
+    serve.delete("broken")
