@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -207,7 +207,7 @@ class BatchedEngine:
 
     async def _stream(
         self, image: Image.Image | None, build: Callable[[OnText], Program]
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         _, scheduler = self._parts()
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -258,7 +258,7 @@ class BatchedEngine:
 
     def stream_caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         runtime = self._check_ready()
         sd = settings_dict(settings)
         return self._stream(image, lambda on_text: runtime.caption(length, sd, on_text))
@@ -302,7 +302,7 @@ class BatchedEngine:
         *,
         spatial_refs: Sequence[SpatialRef],
         settings: SamplingSettings,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         runtime = self._check_ready()
         sd = settings_dict(settings)
         refs = [list(r) for r in spatial_refs] or None
@@ -403,3 +403,10 @@ def create_engine(settings: Settings) -> BatchedEngine:
         image_cache_mb=settings.image_cache_mb,
         threads=settings.threads,
     )
+
+
+if TYPE_CHECKING:
+    from moondream_server.engine.base import Engine
+
+    def _implements_engine(engine: BatchedEngine) -> Engine:
+        return engine  # mypy checks BatchedEngine against the protocol here

@@ -28,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,7 +41,7 @@ from moondream_server.engine.errors import (
 )
 from moondream_server.engine.image_cache import ImageCache
 from moondream_server.engine.runtime import Runtime, StepItem
-from moondream_server.model.decoding import Program, StepOutput
+from moondream_server.model.decoding import StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,15 @@ class CancelledRequestError(EngineError):
     """The caller stopped waiting (disconnect, closed stream); nobody reads this error."""
 
 
+# A decode program: yields inputs (anything with ``shape[0]`` positions), receives StepOutputs.
+AnyProgram = Generator[Any, StepOutput, Any]
+
+
 @dataclass(eq=False)
 class Request:
     """One submitted task. ``on_done`` is called exactly once, on the scheduler thread."""
 
-    program: Program
+    program: AnyProgram
     image: Any | None  # what Runtime.image_key / embed_images take; None = text only
     deadline: float  # on the scheduler's clock
     on_done: Callable[[Request], None] = lambda _r: None
@@ -140,6 +144,7 @@ class Scheduler:
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[_Seq] = []
         self._inflight: dict[Hashable, _Seq] = {}  # image key -> the seq encoding it
+        self._purged: list[Request] = []  # cancelled while waiting, dropped by submit()
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -169,11 +174,8 @@ class Scheduler:
             return
         keep: collections.deque[Request] = collections.deque()
         for r in self._waiting:
-            if r.cancelled:
-                self._finish(r, error=CancelledRequestError("cancelled"))
-            else:
-                keep.append(r)
-        self._waiting = keep
+            (self._purged if r.cancelled else keep).append(r)
+        self._waiting = keep  # the scheduler thread finishes the purged ones at its next reap
 
     def _retry_after_locked(self) -> float:
         return 1.0
@@ -206,8 +208,9 @@ class Scheduler:
 
     def _shutdown_requests(self) -> None:
         with self._cond:
-            waiting = list(self._waiting)
+            waiting = self._purged + list(self._waiting)
             self._waiting.clear()
+            self._purged = []
         for r in waiting:
             self._finish(r, error=NotReadyError("the server is shutting down"))
         for s in list(self._active):
@@ -242,8 +245,8 @@ class Scheduler:
 
     def _reap(self, now: float) -> None:
         expired: list[Request] = []
-        cancelled: list[Request] = []
         with self._cond:
+            cancelled, self._purged = self._purged, []
             if any(r.cancelled or now > r.deadline for r in self._waiting):
                 keep: collections.deque[Request] = collections.deque()
                 for r in self._waiting:
@@ -439,7 +442,6 @@ class Scheduler:
     # -- leaving -----------------------------------------------------------------------------
     def _complete(self, s: _Seq, value: Any) -> None:
         self._remove(s)
-        self.stats.completed += 1
         self._finish(s.req, result=value)
 
     def _drop(self, s: _Seq, error: BaseException, *, fail_followers: bool = False) -> None:
@@ -447,12 +449,6 @@ class Scheduler:
         self._remove(s)
         with contextlib.suppress(Exception):
             s.req.program.close()
-        if isinstance(error, CancelledRequestError):
-            self.stats.cancelled += 1
-        elif isinstance(error, DeadlineExceededError):
-            self.stats.expired += 1
-        else:
-            self.stats.failed += 1
         self._finish(s.req, error=error)
         followers = [f for f in s.followers if f in self._active]
         s.followers = []
@@ -488,6 +484,14 @@ class Scheduler:
         req.result = result
         req.error = error
         req.finished_at = self.clock()
+        if error is None:
+            self.stats.completed += 1
+        elif isinstance(error, CancelledRequestError):
+            self.stats.cancelled += 1
+        elif isinstance(error, DeadlineExceededError):
+            self.stats.expired += 1
+        else:
+            self.stats.failed += 1
         try:
             req.on_done(req)
         except Exception:

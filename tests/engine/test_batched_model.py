@@ -1,0 +1,240 @@
+"""The batching engine on the real tiny checkpoint: same answers as one request at a time.
+
+Expected values come from ``Moondream.caption/query/detect/point`` called directly (greedy),
+never from the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moondream_server.engine.batched import BatchedEngine
+from moondream_server.engine.errors import InvalidRequestError
+from moondream_server.engine.runtime import ModelRuntime
+from moondream_server.engine.scheduler import Request, Scheduler
+from moondream_server.engine.types import EngineInfo, QueryResult, SamplingSettings
+from moondream_server.model import Moondream
+from tests.engine.conftest import TINY, load_tiny
+
+T = TypeVar("T")
+GREEDY = {"temperature": 0.0, "max_tokens": 24}
+G = SamplingSettings(temperature=0.0, max_tokens=24)
+OBJ = {"max_objects": 4}
+OBJ_S = SamplingSettings(max_objects=4)
+
+
+def make_engine(path: Path = TINY, **kw: Any) -> BatchedEngine:
+    kw.setdefault("warmup", False)
+    kw.setdefault("max_batch_size", 8)
+    return BatchedEngine(lambda: load_tiny(path), info=EngineInfo("tiny", None, "cpu", "float32"), **kw)
+
+
+def with_engine(engine: BatchedEngine, body: Callable[[BatchedEngine], Awaitable[T]]) -> T:
+    async def main() -> T:
+        await engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+async def collect(pieces: Any) -> list[str]:
+    out = []
+    try:
+        async for p in pieces:
+            out.append(p)
+    finally:
+        await pieces.aclose()
+    return out
+
+
+def boxes(objects: list[dict[str, float]]) -> list[tuple[float, ...]]:
+    return [(o["x_min"], o["y_min"], o["x_max"], o["y_max"]) for o in objects]
+
+
+def test_mixed_concurrent_traffic_equals_one_at_a_time(
+    reference_model: Moondream, images: list[Image.Image]
+) -> None:
+    m = reference_model
+    refs_pt = [[0.25, 0.5]]
+    refs_box = [[0.1, 0.2, 0.6, 0.9]]
+    expected: list[Any] = []
+    for im in images:
+        enc = m.encode_image(im)
+        expected += [
+            m.caption(enc, settings=GREEDY)["caption"],
+            list(m.caption(enc, length="short", stream=True, settings=GREEDY)["caption"]),
+            m.query(enc, "What is in the image?", settings=GREEDY)["answer"],
+            m.query(enc, "Where is it?", reasoning=True, settings=GREEDY),
+            m.query(enc, "What is here?", spatial_refs=refs_pt, settings=GREEDY)["answer"],
+            list(m.query(enc, "And here?", spatial_refs=refs_box, stream=True, settings=GREEDY)["answer"]),
+            boxes(m.detect(enc, "cat", settings=OBJ)["objects"]),
+            [(p["x"], p["y"]) for p in m.point(enc, "dog", settings=OBJ)["points"]],
+        ]
+    expected.append(m.query(None, "Tell me a story.", settings=GREEDY)["answer"])
+    expected.append(list(m.query(None, "Why?", stream=True, settings=GREEDY)["answer"]))
+
+    async def body(e: BatchedEngine) -> list[Any]:
+        calls: list[Awaitable[Any]] = []
+        for im in images:
+            calls += [
+                e.caption(im, "normal", G),
+                collect(e.stream_caption(im, "short", G)),
+                e.query(im, "What is in the image?", reasoning=False, spatial_refs=[], settings=G),
+                e.query(im, "Where is it?", reasoning=True, spatial_refs=[], settings=G),
+                e.query(im, "What is here?", reasoning=False, spatial_refs=[(0.25, 0.5)], settings=G),
+                collect(e.stream_query(im, "And here?", spatial_refs=[(0.1, 0.2, 0.6, 0.9)], settings=G)),
+                e.detect(im, "cat", OBJ_S),
+                e.point(im, "dog", OBJ_S),
+            ]
+        calls.append(e.query(None, "Tell me a story.", reasoning=False, spatial_refs=[], settings=G))
+        calls.append(collect(e.stream_query(None, "Why?", spatial_refs=[], settings=G)))
+        return await asyncio.gather(*calls)
+
+    engine = make_engine()
+    got = with_engine(engine, body)
+    assert engine.runtime is not None and engine.scheduler is not None
+    for i, (exp, res) in enumerate(zip(expected, got, strict=True)):
+        n = 8 * len(images)
+        kind = i % 8 if i < n else (0 if i == n else 1)
+        if kind in (0, 2, 4):
+            assert res.text == exp, i
+        elif kind in (1, 5):
+            assert res == exp, i  # the same pieces, in order
+        elif kind == 3:
+            assert res.text == exp["answer"], i
+            assert res.reasoning is not None and res.reasoning.text == exp["reasoning"]["text"]
+            spans = [(g.start_idx, g.end_idx, g.points) for g in res.reasoning.grounding]
+            grounding = exp["reasoning"]["grounding"]
+            assert spans == [(g["start_idx"], g["end_idx"], g["points"]) for g in grounding]
+        elif kind == 6:
+            assert [(b.x_min, b.y_min, b.x_max, b.y_max) for b in res.objects] == exp, i
+        else:
+            assert [(p.x, p.y) for p in res.points] == exp, i
+    # it really batched: each image encoded once for its 8 requests, steps shared by sequences
+    assert engine.runtime.images_embedded == len(images)
+    assert max(engine.scheduler.stats.step_sizes) > 1
+    assert engine.scheduler.stats.completed == len(expected)
+
+
+def test_vision_batches_the_crops_of_several_images_in_one_pass(
+    reference_model: Moondream, images: list[Image.Image]
+) -> None:
+    rt = ModelRuntime(load_tiny())
+    s = Scheduler(rt, max_batch_size=8)
+    picks = images[:3]
+    reqs = [
+        Request(program=rt.caption("normal", GREEDY, None), image=im, deadline=float("inf")) for im in picks
+    ]
+    for r in reqs:
+        s.submit(r)
+    while s.run_once():
+        pass
+    assert rt.vision_calls == 1 and rt.images_embedded == 3
+    for r, im in zip(reqs, picks, strict=True):
+        assert r.error is None
+        assert r.result.text.text == reference_model.caption(im, settings=GREEDY)["caption"]
+    with torch.inference_mode():
+        together = rt.embed_images(picks)
+        for im, emb in zip(picks, together, strict=True):
+            torch.testing.assert_close(emb, reference_model.embed_image(im), rtol=1e-4, atol=1e-5)
+
+
+def test_image_cache_hit_skips_encoding_and_gives_identical_results(
+    reference_model: Moondream, images: list[Image.Image]
+) -> None:
+    im = images[1]
+    expected = reference_model.caption(im, settings=GREEDY)["caption"]
+    expected_points = reference_model.point(im, "dog", settings=OBJ)["points"]
+
+    async def body(e: BatchedEngine) -> None:
+        assert e.runtime is not None and e.scheduler is not None and e.image_cache is not None
+        first = await e.caption(im, "normal", G)
+        assert e.runtime.images_embedded == 1 and e.scheduler.stats.image_prefills == 1
+        again = await e.caption(im.copy(), "normal", G)  # another object, same pixels
+        pts = await e.point(Image.fromarray(np.asarray(im)), "dog", OBJ_S)
+        assert e.runtime.images_embedded == 1 and e.scheduler.stats.image_prefills == 1
+        assert e.image_cache.stats().hits == 2
+        assert first.text == again.text == expected
+        assert [(p.x, p.y) for p in pts.points] == [(p["x"], p["y"]) for p in expected_points]
+
+    with_engine(make_engine(), body)
+
+
+def test_eviction_under_a_small_byte_budget(reference_model: Moondream, images: list[Image.Image]) -> None:
+    a, b = images[0], images[2]
+    exp_a = reference_model.query(a, "What?", settings=GREEDY)["answer"]
+    exp_b = reference_model.query(b, "What?", settings=GREEDY)["answer"]
+
+    async def body(e: BatchedEngine) -> None:
+        assert e.runtime is not None and e.image_cache is not None
+
+        async def ask(im: Image.Image) -> QueryResult:
+            return await e.query(im, "What?", reasoning=False, spatial_refs=[], settings=G)
+
+        assert (await ask(a)).text == exp_a
+        assert (await ask(b)).text == exp_b  # evicts a: one encoded image fits the budget
+        assert len(e.image_cache) == 1 and e.image_cache.stats().evictions == 1
+        assert (await ask(b)).text == exp_b  # hit
+        assert e.runtime.images_embedded == 2
+        assert (await ask(a)).text == exp_a  # a was evicted: encoded again
+        assert e.runtime.images_embedded == 3
+        assert e.image_cache.nbytes <= e.image_cache.budget_bytes
+
+    # one tiny encoded image: 2 layers x 1 head x 730 x 64 x fp32 x (k, v) = 747,520 bytes
+    with_engine(make_engine(image_cache_mb=1.0), body)
+
+
+def test_invalid_requests_fail_alone(reference_model: Moondream, images: list[Image.Image]) -> None:
+    im = images[0]
+    expected = reference_model.caption(im, settings=GREEDY)["caption"]
+    too_long = "word " * 3000  # more tokens than the 2048-position context
+
+    async def body(e: BatchedEngine) -> None:
+        with pytest.raises(InvalidRequestError):
+            await e.query(im, "x", reasoning=False, spatial_refs=[(2.0, 0.5)], settings=G)
+        with pytest.raises(InvalidRequestError):
+            await e.caption(im, "normal", SamplingSettings(temperature=-1.0))
+        good = asyncio.create_task(e.caption(im, "normal", G))
+        with pytest.raises(InvalidRequestError, match="context"):
+            await e.query(im, too_long, reasoning=False, spatial_refs=[], settings=G)
+        assert (await good).text == expected
+
+    with_engine(make_engine(), body)
+
+
+def test_leaving_frees_the_slot(never_stop_path: Path, images: list[Image.Image]) -> None:
+    long = SamplingSettings(temperature=0.0, max_tokens=1500)
+
+    async def body(e: BatchedEngine) -> None:
+        assert e.scheduler is not None
+        stream = e.stream_caption(images[0], "normal", long)
+        first = [await anext(stream) for _ in range(3)]
+        assert all(first)
+        task = asyncio.create_task(e.query(None, "go on", reasoning=False, spatial_refs=[], settings=long))
+        while e.scheduler.active_count < 2:
+            await asyncio.sleep(0.01)
+        await stream.aclose()  # the client went away
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if e.scheduler.active_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert e.scheduler.active_count == 0
+        assert e.scheduler.stats.cancelled == 2 and e.scheduler.stats.completed == 0
+        done = await e.caption(images[0], "short", SamplingSettings(temperature=0.0, max_tokens=3))
+        assert done.metrics.output_tokens == 3 and done.finish_reason == "length"
+
+    with_engine(make_engine(never_stop_path), body)

@@ -1,0 +1,386 @@
+"""Scheduler logic against a weightless runtime: every step is logged, clocks are fake."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from moondream_server.engine.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NotReadyError,
+    QueueFullError,
+)
+from moondream_server.engine.image_cache import ImageCache
+from moondream_server.engine.scheduler import CancelledRequestError, Request, Scheduler
+from tests.engine.fake_runtime import PREFIX, FakeClock, FakeRuntime, Trace, counting_program
+
+
+def make(
+    rt: FakeRuntime | None = None, clock: FakeClock | None = None, cache: bool = True, **kw: Any
+) -> tuple[Scheduler, FakeRuntime, FakeClock]:
+    rt = rt or FakeRuntime()
+    clock = clock or FakeClock()
+    image_cache: ImageCache[Any] | None = ImageCache(10_000, rt.image_nbytes) if cache else None
+    kw.setdefault("max_batch_size", 4)
+    kw.setdefault("max_queue", 8)
+    kw.setdefault("max_step_tokens", 64)
+    return Scheduler(rt, clock=clock, image_cache=image_cache, **kw), rt, clock
+
+
+def req(program: Any, image: str | None = None, deadline: float = 1e9) -> Request:
+    return Request(program=program, image=image, deadline=deadline)
+
+
+def drain(s: Scheduler, limit: int = 500) -> int:
+    n = 0
+    while s.run_once():
+        n += 1
+        assert n < limit, "scheduler did not settle"
+    return n
+
+
+def markers(step: list[tuple[str, int]]) -> list[str]:
+    return [m for m, _ in step]
+
+
+def test_text_only_request_sees_consecutive_positions() -> None:
+    s, rt, _ = make()
+    r = req(counting_program(1, prompt=3, tokens=4))
+    s.submit(r)
+    drain(s)
+    assert r.error is None
+    assert r.result == [3, 4, 5, 6, 7]
+    assert rt.steps == [[("1", 3)], [("1", 1)], [("1", 1)], [("1", 1)], [("1", 1)]]
+
+
+def test_image_request_starts_after_the_prefix() -> None:
+    s, rt, _ = make()
+    r = req(counting_program(1, prompt=2, tokens=2), image="a")
+    s.submit(r)
+    drain(s)
+    assert r.result == [PREFIX + 2, PREFIX + 3, PREFIX + 4]
+    assert rt.vision_calls == [["a"]]
+    # the image prefill and then the prompt, each its own step (the prompt needs the prefix first)
+    assert rt.steps[0] == [("0", PREFIX)]
+    assert rt.steps[1] == [("1", 2)]
+
+
+def test_requests_join_mid_flight_and_share_steps() -> None:
+    s, rt, _ = make()
+    a = req(counting_program(1, prompt=3, tokens=6))
+    s.submit(a)
+    s.run_once()
+    s.run_once()
+    b = req(counting_program(2, prompt=5, tokens=2))
+    s.submit(b)
+    s.run_once()
+    # b's prompt prefill rides in the same packed step as a's decode
+    assert sorted(rt.steps[-1]) == [("1", 1), ("2", 5)]
+    drain(s)
+    assert a.result == [3, 4, 5, 6, 7, 8, 9]
+    assert b.result == [5, 6, 7]
+    shared = [st for st in rt.steps if set(markers(st)) == {"1", "2"}]
+    assert len(shared) == 3  # b's prefill + its two decodes
+
+
+def test_finished_request_leaves_and_frees_its_slot() -> None:
+    s, rt, _ = make(max_batch_size=1)
+    a = req(counting_program(1, prompt=1, tokens=2))
+    b = req(counting_program(2, prompt=1, tokens=2))
+    s.submit(a)
+    s.submit(b)
+    drain(s)
+    assert a.result == [1, 2, 3] and b.result == [1, 2, 3]
+    assert all(len(st) == 1 for st in rt.steps)  # never both at once
+    assert [markers(st)[0] for st in rt.steps] == ["1"] * 3 + ["2"] * 3
+    assert a.finished_at is not None and b.started_at is not None
+    assert b.started_at >= a.finished_at
+
+
+def test_fifo_admission_order() -> None:
+    s, rt, _ = make(max_batch_size=2, max_queue=10)
+    reqs = [req(counting_program(i, prompt=1, tokens=(7 - i) % 4)) for i in range(1, 8)]
+    for r in reqs:
+        s.submit(r)
+    admitted: list[int] = []
+    while s.run_once():
+        for i, r in enumerate(reqs, start=1):
+            if r.started_at is not None and i not in admitted:
+                admitted.append(i)
+    assert admitted == list(range(1, 8))
+    first_steps = [next(k for k, st in enumerate(rt.steps) if str(i) in markers(st)) for i in range(1, 8)]
+    assert first_steps == sorted(first_steps)
+
+
+def test_cache_hits_do_not_jump_the_queue() -> None:
+    s, _, _ = make(max_batch_size=1)
+    warm = req(counting_program(1, prompt=1, tokens=0), image="x")
+    s.submit(warm)
+    drain(s)
+    slow = req(counting_program(2, prompt=1, tokens=3), image="new")
+    hit = req(counting_program(3, prompt=1, tokens=0), image="x")
+    s.submit(slow)
+    s.submit(hit)
+    drain(s)
+    assert hit.image_cache_hit and not slow.image_cache_hit
+    assert slow.finished_at is not None and hit.started_at is not None
+    assert hit.started_at >= slow.finished_at
+
+
+def test_queue_full_raises_at_once_and_recovers() -> None:
+    s, _, _ = make(max_batch_size=1, max_queue=2)
+    reqs = [req(counting_program(i, prompt=1, tokens=1)) for i in range(3)]
+    for r in reqs[:2]:
+        s.submit(r)
+    with pytest.raises(QueueFullError) as info:
+        s.submit(reqs[2])
+    assert info.value.retry_after_s > 0
+    s.run_once()  # one of the two gets the slot: a queue place is free again
+    s.submit(reqs[2])
+    drain(s)
+    assert all(r.error is None and r.result is not None for r in reqs)
+
+
+def test_cancelled_waiting_request_frees_its_queue_place() -> None:
+    s, _, _ = make(max_batch_size=1, max_queue=1)
+    s.submit(req(counting_program(1, prompt=1, tokens=1)))
+    s.run_once()
+    a = req(counting_program(2, prompt=1, tokens=1))  # request 1 takes the slot
+    s.submit(a)
+    a.cancel()
+    b = req(counting_program(3, prompt=1, tokens=1))
+    s.submit(b)  # would be QueueFullError if the cancelled one still held the place
+    drain(s)
+    assert isinstance(a.error, CancelledRequestError)
+    assert b.result == [1, 2]
+
+
+def test_cancel_mid_flight_frees_the_slot_at_the_next_step() -> None:
+    s, rt, _ = make(max_batch_size=1)
+    trace = Trace()
+    a = req(counting_program(1, prompt=2, tokens=100, trace=trace))
+    b = req(counting_program(2, prompt=2, tokens=1))
+    s.submit(a)
+    s.submit(b)
+    for _ in range(3):
+        s.run_once()
+    steps_before = len(rt.steps)
+    a.cancel()
+    s.run_once()
+    assert a.done and isinstance(a.error, CancelledRequestError)
+    assert trace.closed  # the program was closed
+    assert markers(rt.steps[steps_before]) == ["2"]  # the very next step already serves b
+    drain(s)
+    assert b.result == [2, 3]
+    assert all("1" not in markers(st) for st in rt.steps[steps_before:])
+
+
+def test_deadline_in_queue_and_in_flight() -> None:
+    s, rt, clock = make(max_batch_size=1)
+    running = req(counting_program(1, prompt=1, tokens=50), deadline=clock.now + 10)
+    queued = req(counting_program(2, prompt=1, tokens=1), deadline=clock.now + 5)
+    patient = req(counting_program(3, prompt=1, tokens=1), deadline=clock.now + 100)
+    for r in (running, queued, patient):
+        s.submit(r)
+    for _ in range(3):
+        s.run_once()
+    clock.now += 6  # the queued one passes its deadline before ever running
+    s.run_once()
+    assert isinstance(queued.error, DeadlineExceededError)
+    assert not running.done
+    clock.now += 5  # now the running one too
+    n_steps = len(rt.steps)
+    s.run_once()
+    assert isinstance(running.error, DeadlineExceededError)
+    assert markers(rt.steps[n_steps]) == ["3"]
+    drain(s)
+    assert patient.result == [1, 2]
+    assert all("2" not in markers(st) for st in rt.steps)
+
+
+def test_program_error_fails_only_its_request() -> None:
+    s, _, _ = make()
+    ok1 = req(counting_program(1, prompt=2, tokens=5))
+    bad = req(counting_program(2, prompt=2, tokens=5, fail_at=2))
+    bad_start = req(counting_program(3, prompt=2, tokens=5, fail_at_start=True))
+    ok2 = req(counting_program(4, prompt=3, tokens=4))
+    for r in (ok1, bad, bad_start, ok2):
+        s.submit(r)
+    drain(s)
+    assert isinstance(bad.error, InvalidRequestError) and "program 2 failed" in str(bad.error)
+    assert isinstance(bad_start.error, InvalidRequestError)
+    assert ok1.result == [2, 3, 4, 5, 6, 7]
+    assert ok2.result == [3, 4, 5, 6, 7]
+
+
+def test_forward_failure_fails_that_step_and_the_scheduler_goes_on() -> None:
+    rt = FakeRuntime()
+    rt.fail_forward_when = lambda items: any(float(it.x[0, 0]) == 9.0 for it in items)
+    s, _, _ = make(rt)
+    a = req(counting_program(1, prompt=2, tokens=5))
+    s.submit(a)
+    s.run_once()
+    poison = req(counting_program(9, prompt=2, tokens=5))
+    s.submit(poison)
+    s.run_once()  # a's decode + the poison prefill: this step fails
+    assert isinstance(poison.error, RuntimeError)
+    assert isinstance(a.error, RuntimeError)  # it was in the failed step (its cache is unusable)
+    after = req(counting_program(2, prompt=2, tokens=2))
+    s.submit(after)
+    drain(s)
+    assert after.result == [2, 3, 4]
+
+
+def test_step_token_budget_chunks_prompts_and_never_starves_decodes() -> None:
+    budget = 16
+    s, rt, _ = make(max_step_tokens=budget, min_prefill_chunk=4)
+    a = req(counting_program(1, prompt=2, tokens=30))
+    s.submit(a)
+    s.run_once()
+    long_prompts = [req(counting_program(i, prompt=40, tokens=2)) for i in (2, 3)]
+    img = req(counting_program(4, prompt=3, tokens=2), image="pic")
+    for r in [*long_prompts, img]:
+        s.submit(r)
+    drain(s)
+    # prompts are chunked: the result is as if fed at once
+    assert [r.result for r in long_prompts] == [[40, 41, 42]] * 2
+    assert img.result == [PREFIX + 3, PREFIX + 4, PREFIX + 5]
+    assert a.result == list(range(2, 33))
+    for st in rt.steps:
+        assert sum(n for _, n in st) <= budget + PREFIX
+    # a decoded in every step from its second until it finished: no step left it out
+    a_steps = [k for k, st in enumerate(rt.steps) if "1" in markers(st)]
+    assert a_steps == list(range(a_steps[0], a_steps[0] + 31))
+
+
+def test_same_new_image_is_encoded_once_and_then_cached() -> None:
+    s, rt, _ = make()
+    a = req(counting_program(1, prompt=2, tokens=1), image="cat")
+    b = req(counting_program(2, prompt=3, tokens=1), image="cat")
+    c = req(counting_program(3, prompt=1, tokens=1), image="dog")
+    for r in (a, b, c):
+        s.submit(r)
+    drain(s)
+    assert rt.vision_calls == [["cat", "dog"]]  # one vision pass for the new images
+    assert sum(markers(st).count("0") for st in rt.steps) == 2  # two image prefills, not three
+    assert a.result == [PREFIX + 2, PREFIX + 3]
+    assert b.result == [PREFIX + 3, PREFIX + 4]
+    assert c.result == [PREFIX + 1, PREFIX + 2]
+    d = req(counting_program(4, prompt=2, tokens=1), image="cat")
+    s.submit(d)
+    drain(s)
+    assert rt.vision_calls == [["cat", "dog"]]
+    assert d.image_cache_hit and d.result == [PREFIX + 2, PREFIX + 3]
+
+
+def test_in_flight_dedupe_without_a_cache() -> None:
+    s, rt, _ = make(cache=False)
+    a = req(counting_program(1, prompt=1, tokens=1), image="cat")
+    b = req(counting_program(2, prompt=1, tokens=1), image="cat")
+    s.submit(a)
+    s.submit(b)
+    drain(s)
+    assert rt.vision_calls == [["cat"]]
+    assert a.result == b.result == [PREFIX + 1, PREFIX + 2]
+
+
+def test_follower_takes_over_when_the_image_owner_is_cancelled() -> None:
+    s, _, _ = make()
+    owner = req(counting_program(1, prompt=1, tokens=1), image="cat")
+    follower = req(counting_program(2, prompt=1, tokens=1), image="cat")
+    s.submit(owner)
+    s.submit(follower)
+    owner.cancel()
+    drain(s)
+    assert isinstance(owner.error, CancelledRequestError)
+    assert follower.result == [PREFIX + 1, PREFIX + 2]
+
+
+def test_vision_failure_fails_only_that_image() -> None:
+    rt = FakeRuntime(bad_images={"broken"})
+    s, _, _ = make(rt)
+    good = req(counting_program(1, prompt=1, tokens=1), image="fine")
+    bad = req(counting_program(2, prompt=1, tokens=1), image="broken")
+    bad_too = req(counting_program(3, prompt=1, tokens=1), image="broken")
+    s.submit(good)
+    s.submit(bad)
+    s.submit(bad_too)
+    drain(s)
+    assert good.result == [PREFIX + 1, PREFIX + 2]
+    assert isinstance(bad.error, RuntimeError) and isinstance(bad_too.error, RuntimeError)
+
+
+def test_unhashable_image_fails_the_request_only() -> None:
+    s, _, _ = make()
+    weird = Request(program=counting_program(1, prompt=1, tokens=1), image=object(), deadline=1e9)
+    ok = req(counting_program(2, prompt=1, tokens=1))
+    s.submit(weird)
+    s.submit(ok)
+    drain(s)
+    assert isinstance(weird.error, TypeError)
+    assert ok.result == [1, 2]
+
+
+def test_threaded_scheduler_serves_concurrent_submitters_and_stops_cleanly() -> None:
+    rt = FakeRuntime()
+    s = Scheduler(rt, max_batch_size=3, max_queue=100, max_step_tokens=64)
+    s.start()
+    done = threading.Event()
+    finished: list[Request] = []
+    lock = threading.Lock()
+    total = 24
+
+    def on_done(r: Request) -> None:
+        with lock:
+            finished.append(r)
+            if len(finished) == total:
+                done.set()
+
+    def submitter(base: int) -> None:
+        for i in range(6):
+            r = Request(
+                program=counting_program(base + i, prompt=2, tokens=i),
+                image=None if i % 2 else f"img{i % 3}",
+                deadline=1e12,
+                on_done=on_done,
+            )
+            s.submit(r)
+
+    threads = [threading.Thread(target=submitter, args=(10 * k + 10,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert done.wait(10)
+    for r in finished:
+        assert r.error is None
+        first = r.result[0]
+        assert r.result == list(range(first, first + len(r.result)))
+    assert max(len(st) for st in rt.steps) <= 3
+    # stopping fails whatever still waits
+    blocker = Request(program=counting_program(1, prompt=1, tokens=10**6), image=None, deadline=1e12)
+    s.submit(blocker)
+    s.stop()
+    assert isinstance(blocker.error, NotReadyError)
+    with pytest.raises(NotReadyError):
+        s.submit(Request(program=counting_program(2, prompt=1, tokens=1), image=None, deadline=1e12))
+
+
+def test_follower_takes_over_when_the_owner_leaves_before_its_image_prefill() -> None:
+    s, rt, _ = make(max_step_tokens=8)
+    hog = req(counting_program(1, prompt=8, tokens=0))  # fills the first step's budget
+    owner = req(counting_program(2, prompt=1, tokens=1), image="cat")
+    follower = req(counting_program(3, prompt=1, tokens=1), image="cat")
+    for r in (hog, owner, follower):
+        s.submit(r)
+    s.run_once()
+    assert rt.vision_calls == [["cat"]]
+    assert all("0" not in markers(st) for st in rt.steps)  # the prefill did not fit yet
+    owner.cancel()
+    drain(s)
+    assert isinstance(owner.error, CancelledRequestError)
+    assert follower.result == [PREFIX + 1, PREFIX + 2]
+    assert rt.vision_calls == [["cat"], ["cat"]]  # the follower encoded the image itself
