@@ -1,0 +1,83 @@
+"""Settings from the environment and from CLI flags; the console script's uvicorn call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from moondream_server.api import cli
+from moondream_server.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("MOONDREAM_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert (s.host, s.port) == ("127.0.0.1", 8001)
+    assert (s.model, s.revision) == ("vikhyatk/moondream2", "2025-06-21")
+    assert (s.device, s.dtype, s.engine) == ("auto", "auto", "serial")
+    assert s.max_body_bytes == 20 * 1024 * 1024
+    assert s.max_image_pixels == 50_000_000
+    assert (s.max_queue, s.request_timeout_s, s.max_batch_size, s.image_cache_mb) == (64, 300.0, 8, 2048)
+    assert s.threads is None
+    assert s.resolved_api_keys() == frozenset()
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nfile-key\n\n  other-file-key  \n")
+    monkeypatch.setenv("MOONDREAM_PORT", "9100")
+    monkeypatch.setenv("MOONDREAM_HOST", "0.0.0.0")
+    monkeypatch.setenv("MOONDREAM_API_KEYS", " a , b,,")
+    monkeypatch.setenv("MOONDREAM_API_KEY_FILE", str(keys))
+    monkeypatch.setenv("MOONDREAM_ENGINE", "batched")
+    monkeypatch.setenv("MOONDREAM_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("MOONDREAM_THREADS", "3")
+    s = Settings()
+    assert (s.host, s.port, s.engine, s.log_level, s.threads) == ("0.0.0.0", 9100, "batched", "debug", 3)
+    assert s.resolved_api_keys() == {"a", "b", "file-key", "other-file-key"}
+
+
+def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOONDREAM_MAX_QUEUE", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOONDREAM_PORT", "9100")
+    monkeypatch.setenv("MOONDREAM_MODEL", "from-env")
+    s = cli.parse_settings(
+        ["--port", "1234", "--api-key", "k1,k2", "--device", "cpu", "--dtype", "float32", "--max-queue", "5"]
+    )
+    assert (s.port, s.model, s.device, s.dtype, s.max_queue) == (1234, "from-env", "cpu", "float32", 5)
+    assert s.resolved_api_keys() == {"k1", "k2"}
+    s = cli.parse_settings(["--request-timeout", "2.5", "--engine", "serial", "--revision", "main"])
+    assert (s.request_timeout_s, s.engine, s.revision) == (2.5, "serial", "main")
+
+
+def test_main_runs_uvicorn_with_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_run(app: Any, **kwargs: Any) -> None:
+        seen["app"] = app
+        seen.update(kwargs)
+
+    monkeypatch.setattr(cli.uvicorn, "run", fake_run)
+    cli.main(
+        ["--host", "0.0.0.0", "--port", "8123", "--model", "tests/fixtures/moondream2-tiny", "--api-key", "x"]
+    )
+    assert isinstance(seen["app"], FastAPI)
+    assert (seen["host"], seen["port"]) == ("0.0.0.0", 8123)
+    assert seen["app"].state.settings.model == "tests/fixtures/moondream2-tiny"
+    assert seen["app"].state.api_keys == {"x"}
