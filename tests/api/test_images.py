@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import pytest
 from PIL import Image, ImageChops
@@ -21,8 +22,8 @@ def gradient(w: int = 48, h: int = 32) -> Image.Image:
 
 
 def max_diff(a: Image.Image, b: Image.Image) -> int:
-    extrema = ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getextrema()
-    return max(hi for _, hi in extrema)  # type: ignore[union-attr]
+    extrema: Any = ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getextrema()
+    return max(int(hi) for _, hi in extrema)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import base64
 import io
 import urllib.error
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import moondream as md
 import pytest
@@ -66,7 +66,9 @@ def img2() -> Image.Image:
 
 
 @pytest.mark.parametrize("length", ["short", "normal", "long"])
-def test_caption(vl: Any, tiny_model: Moondream, img1: Image.Image, length: str) -> None:
+def test_caption(
+    vl: Any, tiny_model: Moondream, img1: Image.Image, length: Literal["short", "normal", "long"]
+) -> None:
     settings = {"temperature": 0.0, "max_tokens": 40}
     out = vl.caption(img1, length=length, settings=settings)
     assert set(out) == {"caption"} and isinstance(out["caption"], str)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -109,7 +109,9 @@ def test_v1_caption_matches_model(client: httpx.Client, tiny_model: Moondream, p
 
 
 @pytest.mark.parametrize("length", ["short", "normal", "long"])
-def test_v1_caption_lengths(client: httpx.Client, tiny_model: Moondream, length: str) -> None:
+def test_v1_caption_lengths(
+    client: httpx.Client, tiny_model: Moondream, length: Literal["short", "normal", "long"]
+) -> None:
     settings = {"temperature": 0.0, "max_tokens": 40}
     r = client.post(
         "/v1/caption", json={"image_url": file_data_url(IMG1), "length": length, "settings": settings}

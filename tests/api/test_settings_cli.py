@@ -73,7 +73,7 @@ def test_main_runs_uvicorn_with_the_app(monkeypatch: pytest.MonkeyPatch) -> None
         seen["app"] = app
         seen.update(kwargs)
 
-    monkeypatch.setattr(cli.uvicorn, "run", fake_run)
+    monkeypatch.setattr("moondream_server.api.cli.uvicorn.run", fake_run)
     cli.main(
         ["--host", "0.0.0.0", "--port", "8123", "--model", "tests/fixtures/moondream2-tiny", "--api-key", "x"]
     )
