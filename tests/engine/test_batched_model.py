@@ -234,6 +234,7 @@ def test_leaving_frees_the_slot(never_stop_path: Path, images: list[Image.Image]
             await asyncio.sleep(0.01)
         assert e.scheduler.active_count == 0
         assert e.scheduler.stats.cancelled == 2 and e.scheduler.stats.completed == 0
+        assert e.stats["interrupted"] == 2 and e.stats["completed"] == 0  # what /health shows
         done = await e.caption(images[0], "short", SamplingSettings(temperature=0.0, max_tokens=3))
         assert done.metrics.output_tokens == 3 and done.finish_reason == "length"
 

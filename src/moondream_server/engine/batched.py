@@ -111,6 +111,27 @@ class BatchedEngine:
     def queue_depth(self) -> int:
         return self.scheduler.queue_depth if self.scheduler is not None else 0
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Request counters for /health (the serial engine's keys, plus batching ones)."""
+        if self.scheduler is None:
+            return {"completed": 0, "failed": 0, "interrupted": 0, "expired_in_queue": 0}
+        s = self.scheduler.stats
+        out = {
+            "completed": s.completed,
+            "failed": s.failed,
+            "interrupted": s.cancelled + s.expired - s.cancelled_in_queue - s.expired_in_queue,
+            "expired_in_queue": s.expired_in_queue,
+            "rejected_queue_full": s.rejected,
+            "active": self.scheduler.active_count,
+            "steps": s.steps,
+            "images_encoded": s.images_encoded,
+        }
+        if self.image_cache is not None:
+            c = self.image_cache.stats()
+            out.update(image_cache_hits=c.hits, image_cache_entries=c.entries, image_cache_bytes=c.bytes)
+        return out
+
     async def start(self) -> None:
         if self.scheduler is not None:
             raise RuntimeError("engine already started")

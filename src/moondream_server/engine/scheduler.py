@@ -113,6 +113,8 @@ class SchedulerStats:
     failed: int = 0
     cancelled: int = 0
     expired: int = 0
+    expired_in_queue: int = 0  # part of expired: never got a slot
+    cancelled_in_queue: int = 0  # part of cancelled: never got a slot
     rejected: int = 0
     step_sizes: list[int] = field(default_factory=list)  # sequences per step (recent)
 
@@ -258,8 +260,10 @@ class Scheduler:
                         keep.append(r)
                 self._waiting = keep
         for r in cancelled:
+            self.stats.cancelled_in_queue += 1
             self._finish(r, error=CancelledRequestError("cancelled"))
         for r in expired:
+            self.stats.expired_in_queue += 1
             self._finish(r, error=DeadlineExceededError("the request timed out while waiting in the queue"))
         for s in list(self._active):
             if s.req.cancelled:
