@@ -184,7 +184,14 @@ def _make_deployment(options: Mapping[str, Any]) -> Any:
             self._ready_timeout_s = ready_timeout_s
 
         def __serve_build_asgi_app__(self) -> Any:
-            return build_replica_app(self._settings_data, _replica_id(), self._ready_timeout_s)
+            self._app = build_replica_app(self._settings_data, _replica_id(), self._ready_timeout_s)
+            return self._app
+
+        def check_health(self) -> None:
+            """Ray's periodic replica check: a replica whose engine stopped serving is replaced."""
+            app = getattr(self, "_app", None)
+            if app is not None and not app.state.engine.is_ready():
+                raise RuntimeError("the engine is not ready")
 
     return serve.deployment(**options)(MoondreamServer)
 
