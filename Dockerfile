@@ -1,14 +1,14 @@
 # GPU image: the CUDA build of torch 2.13.0 from the PyTorch wheel index.
 # The CUDA runtime libraries come inside the torch wheels (the nvidia-* packages), so the base image is
 # plain Python and the host needs only an NVIDIA driver and the NVIDIA Container Toolkit. The default
-# CUDA 12.8 build runs on drivers >= 525 (CUDA minor-version compatibility; Blackwell GPUs want >= 570);
-# for drivers >= 580 you may pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130.
+# CUDA 12.8 build wants a driver >= 570 (older 525+ drivers usually work through CUDA minor-version
+# compatibility); another build: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130.
 #
 #   docker build -t moondream-server:cuda .
 #   docker run --gpus all -p 8001:8001 -v hf-cache:/var/cache/huggingface moondream-server:cuda
 #
-# The install steps are the README's and the Makefile's (`pip install torch==2.13.0`, then
-# `pip install .`); tests/deploy/test_docker.py keeps them in step. See docs/deploy.md.
+# The install steps are the Makefile's (what `make run` in the README does): `pip install torch==2.13.0`
+# from the wanted wheel index, then the package; tests/deploy/test_docker.py keeps them in step.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
