@@ -111,6 +111,21 @@ def test_hadolint_clean(name: str) -> None:
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
+def test_hadolint_reports_findings(tmp_path: Path) -> None:
+    """The check above can fail: an untagged base and an unpinned pip install are findings."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN pip install requests\n", encoding="utf-8")
+    result = subprocess.run(
+        [hadolint_binary(), "--no-color", "--failure-threshold", "style", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "DL3006" in result.stdout and "DL3013" in result.stdout, result.stdout
+
+
 def test_multi_stage_non_root(dockerfile: Dockerfile) -> None:
     assert len(dockerfile.stages) >= 2, "dependencies are built in a stage of their own"
     final = dockerfile.final
