@@ -291,6 +291,19 @@ def test_spatial_refs_bad_upload_is_400(client: httpx.Client) -> None:
     assert_seed_error(r, 400)
 
 
+# ------------------------------------------------------------------------------ 400: model limits
+
+
+def test_prompt_longer_than_the_context_is_400(client: httpx.Client) -> None:
+    body = {"question": "word " * 3000, "settings": GREEDY}
+    err = assert_v1_error(client.post("/v1/query", json=body), 400)
+    assert "context" in err["message"]
+    r = client.post("/v1/query", json={**body, "stream": True})  # known before the stream starts
+    assert_v1_error(r, 400)
+    r = client.post("/detect", json={"image": file_data_url(IMG1), "object": "cat " * 3000})
+    assert "context" in assert_seed_error(r, 400)
+
+
 # ------------------------------------------------------------------------------ routing
 
 

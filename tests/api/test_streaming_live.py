@@ -148,7 +148,10 @@ def test_long_stream_equals_non_streamed(long_server: LiveServer, never_stop_che
     assert len(events) > 3  # really delivered in pieces
     assert check_stream(events) == want == plain["caption"]
     assert plain["finish_reason"] == "length"
-    assert plain["metrics"]["output_tokens"] == 60
+    metrics = plain["metrics"]
+    assert metrics["output_tokens"] == 60
+    assert metrics["input_tokens"] > 0
+    assert metrics["ttft_ms"] > 0 and metrics["decode_time_ms"] > 0
 
 
 def test_first_chunk_arrives_while_still_generating(long_server: LiveServer) -> None:

@@ -102,6 +102,7 @@ class _Job:
     deadline: float
     cancel: threading.Event = field(default_factory=threading.Event)
     on_drop: Callable[[EngineError], None] = lambda _e: None
+    first_piece_at: float | None = None  # perf_counter() when the first text piece came out
 
 
 _STOP = object()
@@ -277,7 +278,10 @@ class SerialEngine:
                 send(False, _translate(exc))
             else:
                 self.stats["completed"] += 1
-                send(True, (result, _details(model, time.perf_counter() - t0)))
+                details = _details(model, time.perf_counter() - t0)
+                if job.first_piece_at is not None:
+                    details["ttft_secs"] = job.first_piece_at - t0
+                send(True, (result, details))
 
         job = _Job(run=run, deadline=time.monotonic() + self._timeout)
         job.on_drop = lambda e: send(False, e)
@@ -437,6 +441,8 @@ def _interruptible(pieces: Iterable[str], job: _Job) -> Iterator[str]:
         for piece in it:
             if job.cancel.is_set() or time.monotonic() > job.deadline:
                 raise _Interrupted
+            if piece and job.first_piece_at is None:
+                job.first_piece_at = time.perf_counter()
             yield piece
     finally:
         close = getattr(it, "close", None)
@@ -481,10 +487,18 @@ def _finish(details: Mapping[str, Any]) -> Any:
 
 
 def _metrics(details: Mapping[str, Any]) -> Metrics:
+    """Token counts from the model; times measured on the worker around the call.
+
+    ttft is the time to the first text piece (the detokeniser releases whole words), decode
+    time the rest of the call; calls without text pieces count as decode time only.
+    """
+    total = float(details.get("secs", 0.0))
+    ttft = float(details.get("ttft_secs", 0.0))
     return Metrics(
         input_tokens=int(details.get("input_tokens", 0)),
         output_tokens=int(details.get("output_tokens", 0)),
-        decode_time_ms=_ms(float(details.get("secs", 0.0))),
+        decode_time_ms=_ms(total - ttft),
+        ttft_ms=_ms(ttft),
     )
 
 
