@@ -133,3 +133,38 @@ def test_truncated_is_400() -> None:
         decode_image_bytes(raw[: len(raw) // 2], max_pixels=CAP)
     assert caught.value.status == 400
     assert "truncated" in caught.value.message
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP"])
+def test_damaged_files_are_400_never_another_error(fmt: str) -> None:
+    """Cut and corrupt real files in many places: every failure is an ImageError with status 400."""
+    import random
+
+    rng = random.Random(fmt)
+    good = encode(Image.effect_noise((40, 30), 80).convert("RGB"), fmt)
+    outcomes = {"ok": 0, "400": 0}
+    for i in range(60):
+        data = bytearray(good)
+        if i % 2:
+            data = data[: rng.randrange(1, len(data))]
+        for _ in range(rng.randrange(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            img = decode_image_bytes(bytes(data), max_pixels=CAP)
+        except ImageError as exc:
+            assert exc.status in (400, 413), exc.message
+            outcomes["400"] += 1
+        else:
+            assert img.mode == "RGB"
+            outcomes["ok"] += 1
+    assert outcomes["400"] > 0
+
+
+def test_random_bytes_are_400() -> None:
+    import random
+
+    rng = random.Random(0)
+    for n in (1, 2, 8, 100, 5000):
+        with pytest.raises(ImageError) as caught:
+            decode_image_bytes(rng.randbytes(n), max_pixels=CAP)
+        assert caught.value.status == 400
