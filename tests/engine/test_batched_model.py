@@ -7,6 +7,7 @@ never from the engine.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -159,6 +160,14 @@ def test_image_cache_hit_skips_encoding_and_gives_identical_results(
 
     async def body(e: BatchedEngine) -> None:
         assert e.runtime is not None and e.scheduler is not None and e.image_cache is not None
+        hashed_on: list[str] = []
+        image_key = e.runtime.image_key
+
+        def spy(image: Any) -> Any:
+            hashed_on.append(threading.current_thread().name)
+            return image_key(image)
+
+        e.runtime.image_key = spy  # type: ignore[method-assign]
         first = await e.caption(im, "normal", G)
         assert e.runtime.images_embedded == 1 and e.scheduler.stats.image_prefills == 1
         again = await e.caption(im.copy(), "normal", G)  # another object, same pixels
@@ -167,6 +176,8 @@ def test_image_cache_hit_skips_encoding_and_gives_identical_results(
         assert e.image_cache.stats().hits == 2
         assert first.text == again.text == expected
         assert [(p.x, p.y) for p in pts.points] == [(p["x"], p["y"]) for p in expected_points]
+        # hashing (and tiling) ran on worker threads, never on the thread that owns the model
+        assert len(hashed_on) == 3 and "moondream-scheduler" not in hashed_on
 
     with_engine(make_engine(), body)
 

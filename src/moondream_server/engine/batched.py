@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -197,9 +197,33 @@ class BatchedEngine:
             raise NotReadyError()
         return runtime
 
+    async def _submit(
+        self, image: Image.Image | None, program: Program, on_done: Callable[[Request], None]
+    ) -> Request:
+        """Hash (and, on a cache miss, tile) the image on a worker thread, then queue the request.
+
+        The scheduler thread then spends its time on the model only. A full queue is refused
+        before any of that work.
+        """
+        runtime, scheduler = self._parts()
+        deadline = scheduler.clock() + self._timeout
+        key: Hashable | None = None
+        payload: Any = image
+        if image is not None:
+            scheduler.check_capacity()
+            key, payload = await asyncio.to_thread(self._prepare, runtime, image)
+        req = Request(program=program, image=payload, image_key=key, deadline=deadline, on_done=on_done)
+        scheduler.submit(req)
+        return req
+
+    def _prepare(self, runtime: ModelRuntime, image: Image.Image) -> tuple[Hashable, Any]:
+        key = runtime.image_key(image)
+        if self.image_cache is not None and key in self.image_cache:
+            return key, image  # the scheduler will not need the pixels (unless evicted meanwhile)
+        return key, runtime.prepare(image)
+
     async def _call(self, image: Image.Image | None, build: Callable[[], Program]) -> Request:
         """Submit a program and wait for it; raises the request's error."""
-        _, scheduler = self._parts()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Request] = loop.create_future()
 
@@ -211,11 +235,7 @@ class BatchedEngine:
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
                 loop.call_soon_threadsafe(deliver, req)
 
-        program = _validated(build)
-        req = Request(
-            program=program, image=image, deadline=scheduler.clock() + self._timeout, on_done=on_done
-        )
-        scheduler.submit(req)
+        req = await self._submit(image, _validated(build), on_done)
         try:
             done = await asyncio.wait_for(fut, self._timeout)
         except TimeoutError:
@@ -238,13 +258,7 @@ class BatchedEngine:
                 loop.call_soon_threadsafe(items.put_nowait, (kind, value))
 
         program = _validated(lambda: build(lambda piece: send("chunk", piece)))
-        req = Request(
-            program=program,
-            image=image,
-            deadline=scheduler.clock() + self._timeout,
-            on_done=lambda r: send("done", r),
-        )
-        scheduler.submit(req)
+        req = await self._submit(image, program, lambda r: send("done", r))
         try:
             while True:
                 remaining = req.deadline - scheduler.clock()

@@ -31,6 +31,7 @@ from moondream_server.model.kv_cache import KVCache
 from moondream_server.model.moondream import EncodedImage, Moondream, validate_spatial_refs
 from moondream_server.model.sampling import TextSettings
 from moondream_server.model.text import SeqSlice
+from moondream_server.model.tiling import Crops
 
 OnText = Callable[[str], None]
 
@@ -122,12 +123,18 @@ class ModelRuntime:
 
     # -- images ------------------------------------------------------------------------------
     def image_key(self, image: Any) -> Hashable:
+        """Content key; may run on any thread (the engine hashes before submitting)."""
         if not isinstance(image, Image.Image):
             raise TypeError("image must be a PIL image")
         return image_content_key(image, self.model_key)
 
+    def prepare(self, image: Image.Image) -> Crops:
+        """The CPU-side preprocessing (tiling, resizing); may run on any thread."""
+        return self.model.crops(image)
+
     def embed_images(self, images: Sequence[Any]) -> list[Any]:
-        crops = [self.model.crops(im) for im in images]
+        """PIL images or their ``prepare``d crops -> image embeddings, all crops in one pass."""
+        crops = [im if isinstance(im, Crops) else self.model.crops(im) for im in images]
         features: list[torch.Tensor] = []
         pending: list[np.ndarray[Any, Any]] = []
         count = 0

@@ -62,6 +62,7 @@ class Request:
     image: Any | None  # what Runtime.image_key / embed_images take; None = text only
     deadline: float  # on the scheduler's clock
     on_done: Callable[[Request], None] = lambda _r: None
+    image_key: Hashable | None = None  # precomputed off the scheduler thread (else computed here)
     result: Any = None  # the program's return value
     error: BaseException | None = None
     # timestamps on the scheduler's clock
@@ -156,19 +157,27 @@ class Scheduler:
     def submit(self, req: Request) -> None:
         """Queue a request; raises QueueFullError at once when ``max_queue`` are already waiting."""
         with self._cond:
-            if self._closed:
-                raise NotReadyError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                self._purge_waiting_locked()
-            if len(self._waiting) >= self.max_queue:
-                self.stats.rejected += 1
-                raise QueueFullError(
-                    f"the request queue is full ({self.max_queue} waiting)",
-                    retry_after_s=self._retry_after_locked(),
-                )
+            self._check_capacity_locked()
             req.submitted_at = self.clock()
             self._waiting.append(req)
             self._cond.notify()
+
+    def check_capacity(self) -> None:
+        """Raise what ``submit`` would raise now (lets callers refuse before preparing an image)."""
+        with self._cond:
+            self._check_capacity_locked()
+
+    def _check_capacity_locked(self) -> None:
+        if self._closed:
+            raise NotReadyError("the server is shutting down")
+        if len(self._waiting) >= self.max_queue:
+            self._purge_waiting_locked()
+        if len(self._waiting) >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFullError(
+                f"the request queue is full ({self.max_queue} waiting)",
+                retry_after_s=self._retry_after_locked(),
+            )
 
     def _purge_waiting_locked(self) -> None:
         """Drop waiting requests nobody waits for any more, so they do not hold queue places."""
@@ -284,7 +293,7 @@ class Scheduler:
                 self._begin(seq, None)
                 continue
             try:
-                seq.key = self.runtime.image_key(r.image)
+                seq.key = r.image_key if r.image_key is not None else self.runtime.image_key(r.image)
             except Exception as exc:
                 self._drop(seq, request_error(exc))
                 continue

@@ -1,0 +1,120 @@
+"""Throughput of the batching engine against the serial one (not a test; run by hand).
+
+    .venv/bin/python -m tests.engine.bench_batched [--size small|tiny] [--requests 16] [--threads 2]
+
+A random checkpoint in the official layout (end-of-text disabled, so every request runs to
+its token budget) is written to a temporary folder; both engines load it and serve the same
+concurrent mix of image captions (4 distinct images, each asked twice) and text-only queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from moondream_server.engine.batched import BatchedEngine
+from moondream_server.engine.serial import SerialEngine
+from moondream_server.engine.types import EngineInfo, SamplingSettings
+from moondream_server.model import MoondreamConfig, load
+from moondream_server.model.random_weights import write_checkpoint
+
+TINY = Path(__file__).resolve().parent.parent / "fixtures" / "moondream2-tiny"
+
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {},
+    # ~1/16 of Moondream2's text compute per token, same vocab and context
+    "small": {
+        "text": {"dim": 512, "ff_dim": 2048, "n_layers": 8, "n_heads": 8, "n_kv_heads": 8},
+        "vision": {
+            "enc_dim": 192,
+            "enc_n_layers": 6,
+            "enc_ff_dim": 768,
+            "enc_n_heads": 4,
+            "proj_inner_dim": 512,
+            "proj_out_dim": 512,
+        },
+        "region": {"dim": 512},
+    },
+}
+
+
+def checkpoint(size: str, folder: Path) -> Path:
+    data = json.loads((TINY / "config.json").read_text())
+    for section, values in SIZES[size].items():
+        data[section].update(values)
+    config = MoondreamConfig.from_dict(data)
+    return write_checkpoint(folder, config, TINY / "tokenizer.json", never_stop=True)
+
+
+async def workload(engine: Any, n: int, tokens: int) -> dict[str, float]:
+    images = [
+        Image.open(TINY / "images" / f"img{i}.png").convert("RGB").resize((320, 240)) for i in (1, 2, 4, 5)
+    ]
+    s = SamplingSettings(temperature=0.0, max_tokens=tokens)
+    latencies: list[float] = []
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        if i % 2 == 0:
+            await engine.caption(images[(i // 2) % len(images)], "normal", s)
+        else:
+            await engine.query(None, f"Question number {i}?", reasoning=False, spatial_refs=[], settings=s)
+        latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    return {
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(n * tokens / wall, 1),
+        "mean_latency_s": round(statistics.mean(latencies), 2),
+        "max_latency_s": round(max(latencies), 2),
+    }
+
+
+async def run(kind: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
+    info = EngineInfo("bench", None, "cpu", "float32")
+
+    def loader() -> Any:
+        return load(str(path), device="cpu", dtype=torch.float32)
+
+    engine: Any
+    if kind == "serial":
+        engine = SerialEngine(loader, info=info, max_queue=1000, threads=args.threads)
+    else:
+        engine = BatchedEngine(
+            loader, info=info, max_queue=1000, max_batch_size=args.batch, threads=args.threads
+        )
+    await engine.start()
+    try:
+        await workload(engine, 2, 4)  # warm both paths
+        return await workload(engine, args.requests, args.tokens)
+    finally:
+        await engine.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint(args.size, Path(tmp))
+        for kind in ("serial", "batched"):
+            print(kind, asyncio.run(run(kind, path, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
