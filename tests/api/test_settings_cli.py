@@ -81,3 +81,60 @@ def test_main_runs_uvicorn_with_the_app(monkeypatch: pytest.MonkeyPatch) -> None
     assert (seen["host"], seen["port"]) == ("0.0.0.0", 8123)
     assert seen["app"].state.settings.model == "tests/fixtures/moondream2-tiny"
     assert seen["app"].state.api_keys == {"x"}
+
+
+def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
+    """`moondream-server` as a real process: flags and env reach the server; SIGTERM shuts it down
+    gracefully (uvicorn finishes the lifespan, stopping the engine, then re-raises the signal)."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.api.support import GREEDY, TINY
+
+    exe = shutil.which("moondream-server", path=os.path.dirname(sys.executable))
+    assert exe is not None, "the console script is not installed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOONDREAM_") and "proxy" not in k.lower()}
+    env["MOONDREAM_API_KEYS"] = "env-key"
+    args = [exe, "--model", str(TINY), "--device", "cpu", "--dtype", "float32", "--port", str(port)]
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([*args, "--log-level", "info"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(base + "/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        health = httpx.get(base + "/health").json()
+        assert (health["model"], health["device"], health["dtype"]) == (str(TINY), "cpu", "float32")
+        body = {"question": "hi", "settings": GREEDY}
+        assert httpx.post(base + "/v1/query", json=body).status_code == 401  # the key came from the env
+        r = httpx.post(base + "/v1/query", json=body, headers={"X-Moondream-Auth": "env-key"})
+        assert r.status_code == 200 and isinstance(r.json()["answer"], str)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        log.close()
+    text = (tmp_path / "server.log").read_text()
+    assert code in (0, -signal.SIGTERM), text
+    assert "Application shutdown complete" in text, text
+    assert "model is loaded and warm" in text
