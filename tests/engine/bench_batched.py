@@ -26,8 +26,7 @@ from moondream_server.engine.serial import SerialEngine
 from moondream_server.engine.types import EngineInfo, SamplingSettings
 from moondream_server.model import MoondreamConfig, load
 from moondream_server.model.random_weights import write_checkpoint
-
-TINY = Path(__file__).resolve().parent.parent / "fixtures" / "moondream2-tiny"
+from tests.engine.support import TINY
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {},

@@ -9,15 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from moondream_server.model import Moondream, MoondreamConfig, load
+from moondream_server.model import Moondream, MoondreamConfig
 from moondream_server.model.random_weights import write_checkpoint
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-TINY = FIXTURES / "moondream2-tiny"
-
-
-def load_tiny(path: Path = TINY) -> Moondream:
-    return load(str(path), device="cpu", dtype=torch.float32)
+from tests.engine.support import TINY, load_tiny
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,42 +21,14 @@ from moondream_server.engine.batched import BatchedEngine
 from moondream_server.engine.errors import InvalidRequestError
 from moondream_server.engine.runtime import ModelRuntime
 from moondream_server.engine.scheduler import Request, Scheduler
-from moondream_server.engine.types import EngineInfo, QueryResult, SamplingSettings
+from moondream_server.engine.types import QueryResult, SamplingSettings
 from moondream_server.model import Moondream
-from tests.engine.conftest import TINY, load_tiny
+from tests.engine.support import collect, load_tiny, make_engine, with_engine
 
-T = TypeVar("T")
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
 G = SamplingSettings(temperature=0.0, max_tokens=24)
 OBJ = {"max_objects": 4}
 OBJ_S = SamplingSettings(max_objects=4)
-
-
-def make_engine(path: Path = TINY, **kw: Any) -> BatchedEngine:
-    kw.setdefault("warmup", False)
-    kw.setdefault("max_batch_size", 8)
-    return BatchedEngine(lambda: load_tiny(path), info=EngineInfo("tiny", None, "cpu", "float32"), **kw)
-
-
-def with_engine(engine: BatchedEngine, body: Callable[[BatchedEngine], Awaitable[T]]) -> T:
-    async def main() -> T:
-        await engine.start()
-        try:
-            return await body(engine)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(main())
-
-
-async def collect(pieces: Any) -> list[str]:
-    out = []
-    try:
-        async for p in pieces:
-            out.append(p)
-    finally:
-        await pieces.aclose()
-    return out
 
 
 def boxes(objects: list[dict[str, float]]) -> list[tuple[float, ...]]:

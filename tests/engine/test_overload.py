@@ -15,8 +15,7 @@ from moondream_server.engine.loader import create_engine
 from moondream_server.engine.types import SamplingSettings
 from moondream_server.model import Moondream
 from moondream_server.settings import Settings
-from tests.engine.conftest import TINY
-from tests.engine.test_batched_model import collect, make_engine, with_engine
+from tests.engine.support import TINY, collect, make_engine, with_engine
 
 SHORT = SamplingSettings(temperature=0.0, max_tokens=4, max_objects=2)
 LONG = SamplingSettings(temperature=0.0, max_tokens=1900, max_objects=600)
