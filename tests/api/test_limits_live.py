@@ -167,19 +167,26 @@ def keyed_server(start_server: StartServer, tmp_path: Path) -> LiveServer:
     return start_server(tiny_settings(api_keys="key-one, key-two", api_key_file=key_file))
 
 
+FEW = {"max_objects": 4}
 INFERENCE_CALLS: list[tuple[str, dict[str, Any]]] = [
     ("/v1/caption", {"json": {"image_url": file_data_url(IMG1), "settings": GREEDY}}),
     ("/v1/query", {"json": {"question": "q", "settings": GREEDY}}),
-    ("/v1/detect", {"json": {"image_url": file_data_url(IMG1), "object": "cat"}}),
-    ("/v1/point", {"json": {"image_url": file_data_url(IMG1), "object": "cat"}}),
+    ("/v1/detect", {"json": {"image_url": file_data_url(IMG1), "object": "cat", "settings": FEW}}),
+    ("/v1/point", {"json": {"image_url": file_data_url(IMG1), "object": "cat", "settings": FEW}}),
     ("/caption", {"json": {"image": file_data_url(IMG1), "settings": GREEDY}}),
     ("/query", {"json": {"image": file_data_url(IMG1), "question": "q", "settings": GREEDY}}),
-    ("/detect", {"json": {"image": file_data_url(IMG1), "object": "cat"}}),
-    ("/point", {"json": {"image": file_data_url(IMG1), "object": "cat"}}),
+    ("/detect", {"json": {"image": file_data_url(IMG1), "object": "cat", "settings": FEW}}),
+    ("/point", {"json": {"image": file_data_url(IMG1), "object": "cat", "settings": FEW}}),
     ("/upload/caption", {"files": {"file": ("a.png", IMG1.read_bytes())}}),
     ("/upload/query", {"files": {"file": ("a.png", IMG1.read_bytes())}, "data": {"question": "q"}}),
     ("/upload/detect", {"files": {"file": ("a.png", IMG1.read_bytes())}, "data": {"object": "cat"}}),
-    ("/upload/point", {"files": {"file": ("a.png", IMG1.read_bytes())}, "data": {"object": "cat"}}),
+    (
+        "/upload/point",
+        {
+            "files": {"file": ("a.png", IMG1.read_bytes())},
+            "data": {"object": "cat", "settings": '{"max_objects": 4}'},
+        },
+    ),
 ]
 
 

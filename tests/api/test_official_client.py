@@ -132,9 +132,9 @@ def test_detect(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
 
 
 def test_point(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
-    out = vl.point(img2, "cat")
+    out = vl.point(img2, "cat", settings={"max_objects": 4})
     assert set(out) == {"points"}
-    assert out["points"] == tiny_model.point(uploaded(vl, img2), "cat")["points"]
+    assert out["points"] == tiny_model.point(uploaded(vl, img2), "cat", settings={"max_objects": 4})["points"]
     for p in out["points"]:
         assert set(p) == {"x", "y"} and 0.0 <= p["x"] <= 1.0 and 0.0 <= p["y"] <= 1.0
 
@@ -159,7 +159,7 @@ def test_with_api_key(keyed_server: LiveServer, tiny_model: Moondream, img1: Ima
         == (vl.query(img1, QUESTION, settings=GREEDY)["answer"])
     )
     assert isinstance(vl.detect(img1, "cat")["objects"], list)
-    assert isinstance(vl.point(img1, "cat")["points"], list)
+    assert isinstance(vl.point(img1, "cat", settings={"max_objects": 4})["points"], list)
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key"])

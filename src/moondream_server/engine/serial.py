@@ -224,7 +224,8 @@ class SerialEngine:
             job = self._queue.get()
             if not isinstance(job, _Job):
                 break
-            if job.cancel.is_set():
+            if job.cancel.is_set() and time.monotonic() <= job.deadline:
+                self.stats["interrupted"] += 1  # its consumer left while it waited
                 continue
             if time.monotonic() > job.deadline:
                 self.stats["expired_in_queue"] += 1
