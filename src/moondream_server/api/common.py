@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -14,11 +15,13 @@ from starlette.concurrency import run_in_threadpool
 
 from moondream_server.api.errors import ApiError
 from moondream_server.api.images import decode_image_bytes, decode_image_string
-from moondream_server.api.schemas import GroundingOut, MetricsOut, ReasoningOut
+from moondream_server.api.schemas import BoxOut, GroundingOut, MetricsOut, PointOut, ReasoningOut
 from moondream_server.engine.base import Engine
 from moondream_server.engine.errors import NotReadyError
-from moondream_server.engine.types import Metrics, Reasoning, SpatialRef
+from moondream_server.engine.types import Box, Metrics, Point, Reasoning, SpatialRef
 from moondream_server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
     400: "Bad input: invalid base64, not an image, a truncated image, or invalid spatial_refs.",
@@ -118,9 +121,36 @@ def reasoning_out(r: Reasoning | None) -> ReasoningOut | None:
     return ReasoningOut(
         text=r.text,
         grounding=[
-            GroundingOut(start_idx=g.start_idx, end_idx=g.end_idx, points=g.points) for g in r.grounding
+            GroundingOut(
+                start_idx=g.start_idx, end_idx=g.end_idx, points=[p for p in g.points if _finite(*p)]
+            )
+            for g in r.grounding
         ],
     )
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def boxes_out(boxes: Sequence[Box]) -> list[BoxOut]:
+    """Boxes for the wire; a non-finite coordinate (JSON cannot carry it) drops that box."""
+    out = [
+        BoxOut(x_min=b.x_min, y_min=b.y_min, x_max=b.x_max, y_max=b.y_max)
+        for b in boxes
+        if _finite(b.x_min, b.y_min, b.x_max, b.y_max)
+    ]
+    if len(out) != len(boxes):
+        log.warning("dropped %d box(es) with non-finite coordinates", len(boxes) - len(out))
+    return out
+
+
+def points_out(points: Sequence[Point]) -> list[PointOut]:
+    """Points for the wire; a non-finite coordinate drops that point."""
+    out = [PointOut(x=p.x, y=p.y) for p in points if _finite(p.x, p.y)]
+    if len(out) != len(points):
+        log.warning("dropped %d point(s) with non-finite coordinates", len(points) - len(out))
+    return out
 
 
 def error_responses(*statuses: int, model: Any) -> dict[int | str, dict[str, Any]]:

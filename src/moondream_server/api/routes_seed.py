@@ -19,23 +19,23 @@ from pydantic import ValidationError
 from moondream_server.api.auth import require_api_key
 from moondream_server.api.common import (
     SSE_RESPONSE,
+    boxes_out,
     check_spatial_refs,
     decode_bytes,
     decode_string,
     error_responses,
     get_engine,
     new_request_id,
+    points_out,
     reasoning_out,
 )
 from moondream_server.api.schemas import (
-    BoxOut,
     CaptionLengthField,
     CaptionRequest,
     CaptionResponse,
     Coordinates,
     DetectRequest,
     DetectResponse,
-    PointOut,
     PointRequest,
     PointResponse,
     QueryRequest,
@@ -98,9 +98,7 @@ async def _detect(
     result = await get_engine(request).detect(image, obj, engine_settings(settings))
     return DetectResponse(
         request_id=new_request_id("detect"),
-        detections=[
-            BoxOut(x_min=b.x_min, y_min=b.y_min, x_max=b.x_max, y_max=b.y_max) for b in result.objects
-        ],
+        detections=boxes_out(result.objects),
     )
 
 
@@ -108,7 +106,7 @@ async def _point(
     request: Request, image: Image.Image, obj: str, settings: SettingsIn | None
 ) -> PointResponse:
     result = await get_engine(request).point(image, obj, engine_settings(settings))
-    points = [PointOut(x=p.x, y=p.y) for p in result.points]
+    points = points_out(result.points)
     return PointResponse(
         request_id=new_request_id("point"), coordinates=Coordinates(points=points, count=len(points))
     )

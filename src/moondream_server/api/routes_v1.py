@@ -11,17 +11,17 @@ from fastapi.responses import Response
 from moondream_server.api.auth import require_api_key
 from moondream_server.api.common import (
     SSE_RESPONSE,
+    boxes_out,
     check_spatial_refs,
     decode_string,
     error_responses,
     get_engine,
     metrics_out,
     new_request_id,
+    points_out,
     reasoning_out,
 )
 from moondream_server.api.schemas import (
-    BoxOut,
-    PointOut,
     V1CaptionRequest,
     V1CaptionResponse,
     V1DetectRequest,
@@ -105,7 +105,7 @@ async def detect(body: V1DetectRequest, request: Request) -> V1DetectResponse:
     result = await engine.detect(image, body.object, engine_settings(body.settings))
     return V1DetectResponse(
         request_id=new_request_id("detect"),
-        objects=[BoxOut(x_min=b.x_min, y_min=b.y_min, x_max=b.x_max, y_max=b.y_max) for b in result.objects],
+        objects=boxes_out(result.objects),
         metrics=metrics_out(result.metrics),
     )
 
@@ -121,7 +121,7 @@ async def point(body: V1PointRequest, request: Request) -> V1PointResponse:
     check_spatial_refs(body.spatial_refs, has_image=True)
     image = await decode_string(request, body.image_url, "image_url")
     result = await engine.point(image, body.object, engine_settings(body.settings))
-    points = [PointOut(x=p.x, y=p.y) for p in result.points]
+    points = points_out(result.points)
     return V1PointResponse(
         request_id=new_request_id("point"),
         points=points,
