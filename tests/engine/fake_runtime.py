@@ -38,6 +38,8 @@ class FakeRuntime:
     vision_calls: list[list[str]] = field(default_factory=list)
     fail_forward_when: Callable[[Sequence[StepItem]], bool] | None = None
     bad_images: set[str] = field(default_factory=set)
+    vision_chunk: int = 1000  # crops per vision step; an image "name*k" has k crops, else 1
+    vision_steps: int = 0
     _ids: Any = field(default_factory=itertools.count)
 
     def session(self) -> contextlib.AbstractContextManager[None]:
@@ -48,11 +50,9 @@ class FakeRuntime:
             raise TypeError("fake images are strings")
         return ("fake-model", image)
 
-    def embed_images(self, images: Sequence[Any]) -> list[Any]:
+    def start_vision(self, images: Sequence[Any]) -> FakeVisionJob:
         self.vision_calls.append(list(images))
-        if self.bad_images & set(images):
-            raise RuntimeError(f"cannot encode {sorted(self.bad_images & set(images))}")
-        return [f"emb:{im}" for im in images]
+        return FakeVisionJob(self, list(images))
 
     def image_prefill_input(self, embedding: Any) -> torch.Tensor:
         return torch.zeros(self.prefix_len, 1)
@@ -87,6 +87,29 @@ class FakeRuntime:
             )
         self.steps.append(log)
         return outputs
+
+
+def crop_count(image: str) -> int:
+    return int(image.rsplit("*", 1)[1]) if "*" in image else 1
+
+
+class FakeVisionJob:
+    def __init__(self, rt: FakeRuntime, images: list[str]) -> None:
+        self.rt = rt
+        self.images = images
+        self.left = sum(crop_count(im) for im in images)
+
+    def step(self) -> bool:
+        bad = self.rt.bad_images & set(self.images)
+        if bad:
+            raise RuntimeError(f"cannot encode {sorted(bad)}")
+        self.rt.vision_steps += 1
+        self.left -= min(self.left, self.rt.vision_chunk)
+        return self.left == 0
+
+    def results(self) -> list[Any]:
+        assert self.left == 0
+        return [f"emb:{im}" for im in self.images]
 
 
 @dataclass

@@ -100,26 +100,28 @@ def test_mixed_concurrent_traffic_equals_one_at_a_time(
     assert engine.scheduler.stats.completed == len(expected)
 
 
-def test_vision_batches_the_crops_of_several_images_in_one_pass(
-    reference_model: Moondream, images: list[Image.Image]
+@pytest.mark.parametrize(("chunk", "passes"), [(16, 1), (4, 4)])
+def test_vision_batches_the_crops_of_several_images(
+    reference_model: Moondream, images: list[Image.Image], chunk: int, passes: int
 ) -> None:
-    rt = ModelRuntime(load_tiny())
+    """13 crops of 3 images: one encoder pass, or ceil(13 / 4) chunks between text steps."""
+    rt = ModelRuntime(load_tiny(), max_vision_crops=chunk)
     s = Scheduler(rt, max_batch_size=8)
-    picks = images[:3]
+    assert sum(reference_model.crops(im).pixels.shape[0] for im in images) == 13
     reqs = [
-        Request(program=rt.caption("normal", GREEDY, None), image=im, deadline=float("inf")) for im in picks
+        Request(program=rt.caption("normal", GREEDY, None), image=im, deadline=float("inf")) for im in images
     ]
     for r in reqs:
         s.submit(r)
     while s.run_once():
         pass
-    assert rt.vision_calls == 1 and rt.images_embedded == 3
-    for r, im in zip(reqs, picks, strict=True):
+    assert rt.vision_calls == passes and rt.images_embedded == 3
+    for r, im in zip(reqs, images, strict=True):
         assert r.error is None
         assert r.result.text.text == reference_model.caption(im, settings=GREEDY)["caption"]
     with torch.inference_mode():
-        together = rt.embed_images(picks)
-        for im, emb in zip(picks, together, strict=True):
+        together = rt.embed_images(images)
+        for im, emb in zip(images, together, strict=True):
             torch.testing.assert_close(emb, reference_model.embed_image(im), rtol=1e-4, atol=1e-5)
 
 

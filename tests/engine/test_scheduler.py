@@ -384,3 +384,36 @@ def test_follower_takes_over_when_the_owner_leaves_before_its_image_prefill() ->
     assert isinstance(owner.error, CancelledRequestError)
     assert follower.result == [PREFIX + 1, PREFIX + 2]
     assert rt.vision_calls == [["cat"], ["cat"]]  # the follower encoded the image itself
+
+
+def test_vision_runs_in_chunks_between_decode_steps() -> None:
+    s, rt, _ = make(FakeRuntime(vision_chunk=2))
+    a = req(counting_program(1, prompt=2, tokens=20))
+    s.submit(a)
+    s.run_once()
+    s.run_once()
+    b = req(counting_program(2, prompt=1, tokens=1), image="big*5")  # 5 crops: 3 encoder chunks
+    s.submit(b)
+    for _ in range(3):
+        s.run_once()
+    assert rt.vision_steps == 3
+    # a kept decoding while the image was encoded; the prefill came with the last chunk
+    assert rt.steps[2] == [("1", 1)] and rt.steps[3] == [("1", 1)]
+    assert sorted(rt.steps[4]) == [("0", PREFIX), ("1", 1)]
+    drain(s)
+    assert b.result == [PREFIX + 1, PREFIX + 2]
+    assert a.result == list(range(2, 23))
+
+
+def test_follower_inherits_the_vision_job_of_an_owner_that_left() -> None:
+    s, rt, _ = make(FakeRuntime(vision_chunk=1))
+    owner = req(counting_program(1, prompt=1, tokens=1), image="cat*3")
+    follower = req(counting_program(2, prompt=2, tokens=1), image="cat*3")
+    s.submit(owner)
+    s.submit(follower)
+    s.run_once()  # the job has encoded one of three crops
+    owner.cancel()
+    drain(s)
+    assert isinstance(owner.error, CancelledRequestError)
+    assert follower.result == [PREFIX + 2, PREFIX + 3]
+    assert rt.vision_calls == [["cat*3"]] and rt.vision_steps == 3  # no second encoding

@@ -80,6 +80,7 @@ class BatchedEngine:
         threads: int | None = None,
         max_step_tokens: int = 1024,
         max_images_per_step: int = 4,
+        max_vision_crops: int = 16,
         warmup: bool = True,
     ) -> None:
         self._loader = loader
@@ -91,6 +92,7 @@ class BatchedEngine:
         self._threads = threads
         self._max_step_tokens = max_step_tokens
         self._max_images_per_step = max_images_per_step
+        self._max_vision_crops = max_vision_crops
         self._warmup = warmup
         self._ready = False
         self._stopping = False
@@ -149,7 +151,7 @@ class BatchedEngine:
                 dtype=str(model.dtype).removeprefix("torch."),
             )
             log.info("model %s loaded in %.2f s", self._info.model_id, time.perf_counter() - t0)
-            self.runtime = ModelRuntime(model)
+            self.runtime = ModelRuntime(model, max_vision_crops=self._max_vision_crops)
             if self._cache_bytes > 0:
                 self.image_cache = ImageCache(self._cache_bytes, self.runtime.image_nbytes)
             self.scheduler = Scheduler(

@@ -45,6 +45,18 @@ class StepItem:
     want_output: bool  # the program needs the output of the last position
 
 
+class VisionJob(Protocol):
+    """The vision encoder over some images, run a chunk of crops at a time between text steps."""
+
+    def step(self) -> bool:
+        """Encode the next chunk; True once every crop is encoded."""
+        ...
+
+    def results(self) -> list[Any]:
+        """One image embedding per image, in order (after ``step`` returned True)."""
+        ...
+
+
 class Runtime(Protocol):
     @property
     def prefix_len(self) -> int:
@@ -59,8 +71,8 @@ class Runtime(Protocol):
         """Content key of an image (equal pixels and model => equal key)."""
         ...
 
-    def embed_images(self, images: Sequence[Any]) -> list[Any]:
-        """Vision encoder for several images in one pass; one embedding per image."""
+    def start_vision(self, images: Sequence[Any]) -> VisionJob:
+        """A vision job over several images (their crops batched together)."""
         ...
 
     def image_prefill_input(self, embedding: Any) -> torch.Tensor:
@@ -99,7 +111,7 @@ def _text_settings(settings: dict[str, Any] | None) -> TextSettings:
 class ModelRuntime:
     """``Runtime`` over a loaded ``Moondream``; also builds the task programs the engine submits."""
 
-    def __init__(self, model: Moondream, *, max_vision_crops: int = 64) -> None:
+    def __init__(self, model: Moondream, *, max_vision_crops: int = 16) -> None:
         self.model = model
         self.text = model.net.text
         self.vision = model.net.vision
@@ -132,38 +144,17 @@ class ModelRuntime:
         """The CPU-side preprocessing (tiling, resizing); may run on any thread."""
         return self.model.crops(image)
 
-    def embed_images(self, images: Sequence[Any]) -> list[Any]:
-        """PIL images or their ``prepare``d crops -> image embeddings, all crops in one pass."""
+    def start_vision(self, images: Sequence[Any]) -> _ModelVisionJob:
+        """PIL images or their ``prepare``d crops; crops of all images share encoder passes."""
         crops = [im if isinstance(im, Crops) else self.model.crops(im) for im in images]
-        features: list[torch.Tensor] = []
-        pending: list[np.ndarray[Any, Any]] = []
-        count = 0
+        return _ModelVisionJob(self, crops)
 
-        def flush() -> None:
-            nonlocal count
-            if pending:
-                pixels = np.concatenate(pending) if len(pending) > 1 else pending[0]
-                features.append(self.vision.encode(self.vision.normalize(pixels)))
-                self.vision_calls += 1
-                pending.clear()
-                count = 0
-
-        # All crops of several images in one encoder call (bounded, to cap activation memory).
-        for c in crops:
-            if pending and count + c.pixels.shape[0] > self.max_vision_crops:
-                flush()
-            pending.append(c.pixels)
-            count += c.pixels.shape[0]
-        flush()
-        all_features = torch.cat(features) if len(features) > 1 else features[0]
-        out: list[Any] = []
-        start = 0
-        for c in crops:
-            n = c.pixels.shape[0]
-            out.append(self.vision.embed(all_features[start : start + n], c.tiling))
-            start += n
-        self.images_embedded += len(images)
-        return out
+    def embed_images(self, images: Sequence[Any]) -> list[Any]:
+        """All at once: images -> image embeddings."""
+        job = self.start_vision(images)
+        while not job.step():
+            pass
+        return job.results()
 
     def image_prefill_input(self, embedding: Any) -> torch.Tensor:
         bos = self.text.embed([self.model.config.tokenizer.bos_id])
@@ -254,6 +245,39 @@ class ModelRuntime:
             parsed.max_objects,
             self._context_left(True),
         )
+
+
+class _ModelVisionJob:
+    def __init__(self, runtime: ModelRuntime, crops: list[Crops]) -> None:
+        self.runtime = runtime
+        self.crops = crops
+        self.pixels = np.concatenate([c.pixels for c in crops]) if len(crops) > 1 else crops[0].pixels
+        self.done = 0
+        self.features: list[torch.Tensor] = []
+
+    def step(self) -> bool:
+        total = int(self.pixels.shape[0])
+        if self.done < total:
+            n = min(self.runtime.max_vision_crops, total - self.done)
+            vision = self.runtime.vision
+            chunk = self.pixels[self.done : self.done + n]
+            self.features.append(vision.encode(vision.normalize(chunk)))
+            self.runtime.vision_calls += 1
+            self.done += n
+        return self.done >= total
+
+    def results(self) -> list[Any]:
+        if self.done < self.pixels.shape[0]:
+            raise RuntimeError("the vision job is not finished")
+        features = torch.cat(self.features) if len(self.features) > 1 else self.features[0]
+        out: list[Any] = []
+        start = 0
+        for c in self.crops:
+            n = c.pixels.shape[0]
+            out.append(self.runtime.vision.embed(features[start : start + n], c.tiling))
+            start += n
+        self.runtime.images_embedded += len(self.crops)
+        return out
 
 
 @contextlib.contextmanager

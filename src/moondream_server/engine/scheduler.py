@@ -9,7 +9,9 @@ keeps up to ``max_batch_size`` programs active and, on every iteration:
 2. admits waiting requests in FIFO order into free slots. A request about an image first looks
    the image up in the image cache (hit: its sequence starts from a copy of the cached prefix);
    a request about an image another active request is already encoding waits for that one;
-3. runs the vision encoder once for the crops of all newly needed images;
+3. advances the vision job: the crops of several newly needed images are encoded together,
+   one chunk of crops per iteration (``Runtime.start_vision``), so a large image delays the
+   running decodes by one chunk at a time, not by its whole encoding;
 4. runs ONE packed text-model forward over the decode tokens of every running sequence, the
    prompt prefills of new ones (chunked so the step stays under ``max_step_tokens``) and image
    prefills (730 positions; never chunked, so a step exceeds the budget by at most one image
@@ -40,7 +42,7 @@ from moondream_server.engine.errors import (
     QueueFullError,
 )
 from moondream_server.engine.image_cache import ImageCache
-from moondream_server.engine.runtime import Runtime, StepItem
+from moondream_server.engine.runtime import Runtime, StepItem, VisionJob
 from moondream_server.model.decoding import StepOutput
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ class Request:
         return self._done
 
 
-Phase = Literal["need_vision", "wait_image", "image_prefill", "run"]
+Phase = Literal["need_vision", "vision", "wait_image", "image_prefill", "run"]
 
 
 @dataclass(eq=False)
@@ -100,6 +102,7 @@ class _Seq:
     pending: Any = None  # input still to feed (a tensor-like with shape[0])
     decoding: bool = False  # got its first output: later inputs are decode steps
     followers: list[_Seq] = field(default_factory=list)  # waiting for this seq's image
+    solo: bool = False  # encode its image in a job of its own (a shared one failed)
 
 
 @dataclass
@@ -107,7 +110,8 @@ class SchedulerStats:
     steps: int = 0
     step_tokens: int = 0
     max_step_tokens: int = 0
-    vision_passes: int = 0
+    vision_passes: int = 0  # vision jobs finished
+    vision_steps: int = 0  # encoder chunks run
     images_encoded: int = 0
     image_prefills: int = 0
     completed: int = 0
@@ -148,6 +152,7 @@ class Scheduler:
         self._active: list[_Seq] = []
         self._inflight: dict[Hashable, _Seq] = {}  # image key -> the seq encoding it
         self._purged: list[Request] = []  # cancelled while waiting, dropped by submit()
+        self._job: tuple[VisionJob, list[_Seq]] | None = None  # the vision job under way
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -321,37 +326,65 @@ class Scheduler:
             self._drop(seq, request_error(exc))
 
     def _vision(self) -> bool:
-        todo = [s for s in self._active if s.phase == "need_vision"][: self.max_images_per_step]
-        if not todo:
-            return False
-        try:
-            embeddings = self.runtime.embed_images([s.req.image for s in todo])
-        except Exception as exc:
-            if len(todo) == 1:
-                log.warning("vision encoder failed: %s", exc)
-                self._drop(todo[0], request_error(exc), fail_followers=True)
+        """Advance the vision job by one chunk of crops (starting one for new images if idle)."""
+        if self._job is None:
+            waiting = [s for s in self._active if s.phase == "need_vision"]
+            if not waiting:
+                return False
+            if waiting[0].solo:  # retried alone after a batch it was part of failed
+                todo = waiting[:1]
+            else:
+                todo = [s for s in waiting if not s.solo][: self.max_images_per_step]
+            try:
+                job = self.runtime.start_vision([s.req.image for s in todo])
+            except Exception as exc:
+                self._vision_failed(todo, exc)
                 return True
-            log.warning("vision encoder failed on a batch of %d images; retrying one by one", len(todo))
-            embeddings = []
             for s in todo:
-                try:
-                    embeddings.extend(self.runtime.embed_images([s.req.image]))
-                except Exception as one_exc:
-                    embeddings.append(None)
-                    self._drop(s, request_error(one_exc), fail_followers=True)
+                s.phase = "vision"
+            self._job = (job, todo)
+        job, seqs = self._job
+        try:
+            done = job.step()
+            results = job.results() if done else None
+        except Exception as exc:
+            self._job = None
+            self._vision_failed(seqs, exc)
+            return True
+        self.stats.vision_steps += 1
+        if results is None:
+            return True
+        self._job = None
         self.stats.vision_passes += 1
-        for s, emb in zip(todo, embeddings, strict=True):
-            if emb is None or s not in self._active:
-                continue
+        for s, emb in zip(seqs, results, strict=True):
+            target = s
+            if s not in self._active:
+                # It left meanwhile; a follower that took over the image can use the result.
+                heir = self._inflight.get(s.key) if s.key is not None else None
+                if heir is None or heir.phase != "need_vision":
+                    continue
+                target = heir
             self.stats.images_encoded += 1
             try:
-                s.handle = self.runtime.new_image_sequence()
-                s.pending = self.runtime.image_prefill_input(emb)
+                target.handle = self.runtime.new_image_sequence()
+                target.pending = self.runtime.image_prefill_input(emb)
             except Exception as exc:
-                self._drop(s, request_error(exc), fail_followers=True)
+                self._drop(target, request_error(exc), fail_followers=True)
                 continue
-            s.phase = "image_prefill"
+            target.phase = "image_prefill"
         return True
+
+    def _vision_failed(self, seqs: list[_Seq], exc: Exception) -> None:
+        live = [s for s in seqs if s in self._active]
+        if len(seqs) == 1:
+            log.warning("vision encoder failed: %s", exc)
+            for s in live:
+                self._drop(s, request_error(exc), fail_followers=True)
+            return
+        log.warning("vision encoder failed on a batch of %d images; retrying one by one", len(seqs))
+        for s in live:
+            s.phase = "need_vision"
+            s.solo = True
 
     def _plan(self) -> list[tuple[_Seq, int]]:
         """Which sequences feed how many positions this step."""
