@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +160,13 @@ def test_failed_load_is_reported_and_503(start_server: StartServer, tmp_path: Pa
 # ------------------------------------------------------------------------------ 401
 
 
-@pytest.fixture
-def keyed_server(start_server: StartServer, tmp_path: Path) -> LiveServer:
-    key_file = tmp_path / "keys.txt"
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text("# ops keys\nkey-from-file\n\n")
-    return start_server(tiny_settings(api_keys="key-one, key-two", api_key_file=key_file))
+    srv = LiveServer(tiny_settings(api_keys="key-one, key-two", api_key_file=key_file)).start()
+    yield srv
+    srv.stop()
 
 
 FEW = {"max_objects": 4}
