@@ -122,7 +122,8 @@ class BatchedEngine:
         out = {
             "completed": s.completed,
             "failed": s.failed,
-            "interrupted": s.cancelled + s.expired - s.cancelled_in_queue - s.expired_in_queue,
+            # as the serial engine: a consumer that left (even while queued) or a passed deadline
+            "interrupted": s.cancelled + s.expired - s.expired_in_queue,
             "expired_in_queue": s.expired_in_queue,
             "rejected_queue_full": s.rejected,
             "active": self.scheduler.active_count,
