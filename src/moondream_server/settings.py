@@ -66,7 +66,11 @@ class Settings(BaseSettings):
         """All configured keys: ``api_keys`` plus the lines of ``api_key_file``."""
         keys = {k.strip() for k in self.api_keys.split(",")}
         if self.api_key_file is not None:
-            for line in self.api_key_file.read_text(encoding="utf-8").splitlines():
+            try:
+                text = self.api_key_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read the API key file {self.api_key_file}: {exc.strerror}") from exc
+            for line in text.splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     keys.add(line)

@@ -138,3 +138,19 @@ def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
     assert code in (0, -signal.SIGTERM), text
     assert "Application shutdown complete" in text, text
     assert "model is loaded and warm" in text
+
+
+def test_main_reports_bad_settings_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("moondream_server.api.cli.uvicorn.run", lambda *a, **k: pytest.fail("must not start"))
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--port", "99999"])
+    assert "port" in str(caught.value.code)
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--api-key-file", str(tmp_path / "missing")])
+    assert "cannot read the API key file" in str(caught.value.code)
+    monkeypatch.setenv("MOONDREAM_MAX_QUEUE", "lots")
+    with pytest.raises(SystemExit) as caught:
+        cli.main([])
+    assert "max_queue" in str(caught.value.code)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 
 from moondream_server.settings import Settings
 
@@ -50,7 +51,14 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = parse_settings(argv)
+    try:
+        settings = parse_settings(argv)
+        settings.resolved_api_keys()  # an unreadable key file is a startup error, not a 500 later
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"moondream-server: invalid settings: {problems}") from None
+    except ValueError as exc:
+        raise SystemExit(f"moondream-server: {exc}") from None
     logging.basicConfig(
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
