@@ -139,6 +139,25 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         res["decode_s_per_token"] = decode_s / args.tokens
         res["decode_tokens_per_s"] = args.tokens / decode_s
 
+    for b in [int(v) for v in args.batch.split(",") if v]:
+        # Batched decode as the engine runs it: b sequences, one new token each, one packed pass.
+        seqs = []
+        for _ in range(b):
+            cache, prefix = m.start_cache(enc)
+            m.step(m.ctx.embed(ids), SeqSlice(cache, len(ids), prefix=prefix))
+            seqs.append((cache, prefix))
+        steps = max(4, args.tokens // 4)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            tokens = torch.zeros(b, dtype=torch.long)
+            for _ in range(steps):
+                hidden = m.net.text(m.net.text.embed(tokens), [SeqSlice(c, 1, prefix=p) for c, p in seqs])
+                tokens = torch.argmax(m.net.text.logits(hidden).float(), dim=-1)
+            dt = time.perf_counter() - t0
+        res[f"batch{b}_decode_tokens_per_s"] = b * steps / dt
+        res[f"batch{b}_decode_s_per_step"] = dt / steps
+        del seqs
+
     if "detect" in sections:
         det_s, det = _timed(lambda: m.detect(enc, "cat", settings={"max_objects": 4}), reps)
         res["detect_s_4_objects"] = det_s
@@ -154,7 +173,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- driver ------------------------------------------------------------------------------------
-def table_rows(images: list[str]) -> list[tuple[str, str]]:
+def table_rows(images: list[str], batches: str) -> list[tuple[str, str]]:
     rows = [("load_s", "load (s)")]
     for n in images:
         rows += [
@@ -166,6 +185,13 @@ def table_rows(images: list[str]) -> list[tuple[str, str]]:
         ("prompt_prefill_s", "prompt prefill, 5 tokens (s)"),
         ("decode_s_per_token", "decode (s/token)"),
         ("decode_tokens_per_s", "decode (tokens/s)"),
+    ]
+    for b in [int(v) for v in batches.split(",") if v]:
+        rows += [
+            (f"batch{b}_decode_s_per_step", f"decode B={b} (s/step)"),
+            (f"batch{b}_decode_tokens_per_s", f"decode B={b} (tokens/s)"),
+        ]
+    rows += [
         ("detect_s_4_objects", "detect, 4 objects (s)"),
     ]
     rows += [(f"caption_s_{n}", f"caption {n} total (s)") for n in images]
@@ -179,6 +205,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per caption")
     p.add_argument("--reps", type=int, default=2, help="repetitions per figure (median)")
     p.add_argument("--quick", action="store_true", help="one repetition, no warm-up")
+    p.add_argument("--batch", default="8", help="batched-decode sizes to time (comma list, '' = none)")
     p.add_argument("--images", default="378x378,640x480", help="comma list of WxH test images")
     p.add_argument(
         "--sections", default="decode,detect,caption", help="besides encode: decode, detect, caption"
@@ -203,6 +230,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--model", str(model)]
                 cmd += ["--threads", str(args.threads), "--tokens", str(args.tokens)]
                 cmd += ["--reps", str(args.reps), "--images", args.images, "--sections", args.sections]
+                cmd += ["--batch", args.batch]
                 cmd += ["--quick"] if args.quick else []
                 cmd += ["--src", src] if src else []
                 cmd += ["--quantize", quantize] if quantize else []
@@ -220,20 +248,20 @@ def main() -> None:
     first = results[0]
     crops = ", ".join(f"{n} -> {first[f'crops_{n}']} crops" for n in args.images.split(","))
     print(
-        f"\nMoondream2 full-size (random weights), torch {first['torch']}, threads {first['threads']}, "
+        f"\nMoondream2 {args.model}, torch {first['torch']}, threads {first['threads']}, "
         f"{args.tokens} tokens; {crops}; load average now {os.getloadavg()[0]:.1f}"
     )
     width = max(len(r["label"]) for r in results) + 2
     print(f"{'':32s}" + "".join(f"{r['label']:>{width}s}" for r in results))
-    for key, title in table_rows(args.images.split(",")):
+    for key, title in table_rows(args.images.split(","), args.batch):
         if not any(key in r for r in results):
             continue
         cells = "".join(f"{r[key]:>{width}.3f}" if key in r else f"{'-':>{width}s}" for r in results)
         print(f"{title:32s}{cells}")
     if len(results) > 1:
         print(f"\nratios against {first['label']} (same run; <1 = faster):")
-        for key, title in table_rows(args.images.split(",")):
-            if key in ("decode_tokens_per_s", "load_s") or key not in first:
+        for key, title in table_rows(args.images.split(","), args.batch):
+            if "tokens_per_s" in key or key == "load_s" or key not in first:
                 continue
             cells = "".join(
                 f"{r[key] / first[key]:>{width}.2f}" if key in r else f"{'-':>{width}s}" for r in results

@@ -1,0 +1,297 @@
+"""HTTP benchmark: the batched engine against the serial (one-at-a-time) baseline, in one run.
+
+Starts ``moondream-server`` once per engine on the full-size random checkpoint (end-of-text
+disabled, so every answer has exactly --tokens tokens) and measures through HTTP:
+
+* latency of one caption of a fresh image, and of a second query about that (now seen) image;
+* throughput with 1, 4 and 8 concurrent clients, each captioning its own fresh image
+  (traffic mix A at 8 clients: 8 clients on 8 distinct images);
+* traffic mix B: 8 clients asking 4 questions each about 2 images;
+* decode tokens/s (from the responses' metrics and the aggregate), against what this machine's
+  measured memory bandwidth allows for one stream (every decode step reads all text weights);
+* the server's peak RSS.
+
+    .venv/bin/python benchmarks/serve_bench.py                         # 640x480, 32 tokens
+    .venv/bin/python benchmarks/serve_bench.py --size 378x378 --tokens 16 --clients 1,4,8
+
+Prints figures; it is not a test. Images are fresh (never seen) wherever a figure says so, so the
+batched engine's image cache only helps where a mix repeats images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_bench import DEFAULT_CACHE, ensure_checkpoint
+
+QUESTIONS = [
+    "What is in this image?",
+    "Describe the colours.",
+    "How many objects are there?",
+    "What is in the background?",
+]
+
+
+class ImageMaker:
+    """Fresh random images (a new seed each), as data URLs."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.size = (width, height)
+        self.seed = 0
+
+    def __call__(self) -> str:
+        self.seed += 1
+        rng = np.random.default_rng(self.seed)
+        w, h = self.size
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def memory_bandwidth_gbs() -> float:
+    """Read bandwidth of this machine: sum over a 1 GiB float32 array (best of 5)."""
+    import torch
+
+    x = torch.ones(2**28)
+    x.sum()
+    best = min(_time(lambda: x.sum()) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def text_weight_bytes(model: Path, dtype: str) -> int:
+    """Bytes of the text decoder's weights in the served dtype: what one decode step reads."""
+    from safetensors import safe_open
+
+    per = 2 if dtype in ("bfloat16", "float16") else 4
+    total = 0
+    with safe_open(str(model / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            if key.startswith("model.text."):
+                total += int(np.prod(f.get_slice(key).get_shape()))
+    return total * per
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace, engine: str, port: int) -> None:
+        env = dict(os.environ, MOONDREAM_ENGINE=engine)
+        cmd = [sys.executable, "-m", "moondream_server.api.cli", "--model", str(args.model)]
+        cmd += ["--port", str(port), "--engine", engine, "--device", "cpu", "--dtype", args.dtype]
+        cmd += ["--log-level", "warning", "--request-timeout", "3600", "--max-queue", "256"]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        self.proc = subprocess.Popen(cmd, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=3600)
+
+    def wait_ready(self, timeout: float = 1800) -> float:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}")
+            try:
+                if self.client.get("/health/ready").status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("server not ready in time")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def post(server: Server, path: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    with httpx.Client(base_url=server.url, timeout=3600) as c:
+        t = time.perf_counter()
+        r = c.post(path, json=body)
+        dt = time.perf_counter() - t
+    if r.status_code != 200:
+        raise SystemExit(f"{path} -> {r.status_code}: {r.text[:300]}")
+    return dt, r.json()
+
+
+def run_clients(
+    n_clients: int, work: Callable[[int], list[tuple[float, dict[str, Any]]]]
+) -> dict[str, float]:
+    """Run `work(i)` for every client concurrently; aggregate latency and token throughput."""
+    barrier = threading.Barrier(n_clients)
+
+    def client(i: int) -> list[tuple[float, dict[str, Any]]]:
+        barrier.wait()
+        return work(i)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n_clients) as pool:
+        results = [r for rs in pool.map(client, range(n_clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    tokens = sum(r["metrics"]["output_tokens"] for _, r in results)
+    decode_rates = [
+        r["metrics"]["output_tokens"] / (r["metrics"]["decode_time_ms"] / 1000)
+        for _, r in results
+        if r["metrics"]["decode_time_ms"] > 0
+    ]
+    return {
+        "wall_s": wall,
+        "requests": len(results),
+        "requests_per_s": len(results) / wall,
+        "tokens_per_s": tokens / wall,
+        "latency_mean_s": statistics.mean(dt for dt, _ in results),
+        "latency_max_s": max(dt for dt, _ in results),
+        "per_request_decode_tokens_per_s": statistics.mean(decode_rates) if decode_rates else float("nan"),
+    }
+
+
+def bench_engine(args: argparse.Namespace, engine: str, port: int, make: ImageMaker) -> dict[str, Any]:
+    settings = {"max_tokens": args.tokens, "temperature": 0.0}
+    server = Server(args, engine, port)
+    res: dict[str, Any] = {"engine": engine}
+    try:
+        res["startup_s"] = server.wait_ready()
+        image = make()
+        dt, r = post(server, "/v1/caption", {"image_url": image, "settings": settings})
+        res["caption_latency_s"] = dt
+        res["caption_ttft_s"] = r["metrics"]["ttft_ms"] / 1000
+        res["decode_tokens_per_s_single"] = r["metrics"]["output_tokens"] / (
+            r["metrics"]["decode_time_ms"] / 1000
+        )
+        dt, r = post(
+            server, "/v1/query", {"image_url": image, "question": QUESTIONS[0], "settings": settings}
+        )
+        res["seen_image_query_latency_s"] = dt
+
+        for n in args.clients:
+            images = [make() for _ in range(n)]
+
+            def captions(i: int, images: list[str] = images) -> list[tuple[float, dict[str, Any]]]:
+                return [post(server, "/v1/caption", {"image_url": images[i], "settings": settings})]
+
+            print(f"  {engine}: {n} concurrent clients ...", file=sys.stderr, flush=True)
+            res[f"clients{n}"] = run_clients(n, captions)
+
+        pair = [make(), make()]
+
+        def questions(i: int) -> list[tuple[float, dict[str, Any]]]:
+            body = {"image_url": pair[i % 2], "settings": settings}
+            return [post(server, "/v1/query", {**body, "question": q}) for q in QUESTIONS]
+
+        print(f"  {engine}: 8 clients x 4 questions about 2 images ...", file=sys.stderr, flush=True)
+        res["mix_b"] = run_clients(8, questions)
+        res["peak_rss_mb"] = server.peak_rss_mb()
+    finally:
+        server.stop()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_CACHE, help="full-size checkpoint folder")
+    p.add_argument("--size", default="640x480", help="WxH of the test images")
+    p.add_argument("--tokens", type=int, default=32, help="tokens per answer (fixed: no end-of-text)")
+    p.add_argument("--clients", default="1,4,8", help="concurrency levels (comma list)")
+    p.add_argument("--engines", default="serial,batched")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--port", type=int, default=8931)
+    p.add_argument("--json", type=Path, help="also write all results here")
+    args = p.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    model = ensure_checkpoint(args.model)
+    args.model = model
+
+    bandwidth = memory_bandwidth_gbs()
+    weight_bytes = text_weight_bytes(model, args.dtype)
+    ideal = bandwidth * 1e9 / weight_bytes
+    w, h = (int(v) for v in args.size.split("x"))
+    results = []
+    for i, engine in enumerate(args.engines.split(",")):
+        print(f"{engine} engine ...", file=sys.stderr, flush=True)
+        results.append(bench_engine(args, engine, args.port + i, ImageMaker(w, h)))
+
+    print(
+        f"\nserve_bench: {model}, {args.dtype}, {args.size} images, {args.tokens} tokens per answer; "
+        f"memory read bandwidth {bandwidth:.1f} GB/s, text weights {weight_bytes / 1e9:.2f} GB "
+        f"-> one stream can decode at most {ideal:.2f} tokens/s; load average {os.getloadavg()[0]:.1f}"
+    )
+    for r in results:
+        r["bandwidth_share"] = r["decode_tokens_per_s_single"] / ideal
+    rows: list[tuple[str, tuple[str, ...]]] = [
+        ("server start + warm-up (s)", ("startup_s",)),
+        ("1 caption, fresh image (s)", ("caption_latency_s",)),
+        ("  its time to first token (s)", ("caption_ttft_s",)),
+        ("  its decode (tokens/s)", ("decode_tokens_per_s_single",)),
+        ("  ... share of the bandwidth bound", ("bandwidth_share",)),
+        ("2nd query, seen image (s)", ("seen_image_query_latency_s",)),
+    ]
+    for n in args.clients:
+        mix = " (mix A: 8 distinct images)" if n == 8 else ""
+        rows += [
+            (f"{n} clients{mix}: requests/s", (f"clients{n}", "requests_per_s")),
+            ("  tokens/s (aggregate)", (f"clients{n}", "tokens_per_s")),
+            ("  mean latency (s)", (f"clients{n}", "latency_mean_s")),
+            ("  decode tokens/s per request", (f"clients{n}", "per_request_decode_tokens_per_s")),
+        ]
+    rows += [
+        ("mix B (8 clients x 4 q, 2 images): req/s", ("mix_b", "requests_per_s")),
+        ("  tokens/s (aggregate)", ("mix_b", "tokens_per_s")),
+        ("  mean latency (s)", ("mix_b", "latency_mean_s")),
+        ("  wall (s)", ("mix_b", "wall_s")),
+        ("peak RSS of the server (MiB)", ("peak_rss_mb",)),
+    ]
+
+    def get(r: dict[str, Any], path: tuple[str, ...]) -> float:
+        for key in path:
+            r = r[key]
+        return float(r)  # type: ignore[arg-type]
+
+    header = f"{'':44s}" + "".join(f"{r['engine']:>12s}" for r in results)
+    if len(results) == 2:
+        header += f"{results[1]['engine'] + '/' + results[0]['engine']:>20s}"
+    print(header)
+    for title, path in rows:
+        vals = [get(r, path) for r in results]
+        line = f"{title:44s}" + "".join(f"{v:>12.3f}" for v in vals)
+        if len(vals) == 2 and vals[0]:
+            line += f"{vals[1] / vals[0]:>20.2f}"
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
