@@ -54,10 +54,12 @@ def checkpoint(size: str, folder: Path) -> Path:
     return write_checkpoint(folder, config, TINY / "tokenizer.json", never_stop=True)
 
 
-async def workload(engine: Any, n: int, tokens: int) -> dict[str, float]:
-    images = [
-        Image.open(TINY / "images" / f"img{i}.png").convert("RGB").resize((320, 240)) for i in (1, 2, 4, 5)
-    ]
+async def workload(engine: Any, n: int, tokens: int, distinct: bool = False) -> dict[str, float]:
+    sources = [Image.open(TINY / "images" / f"img{i}.png").convert("RGB") for i in (1, 2, 4, 5)]
+    if distinct:  # every caption gets its own pixels: the image cache cannot help
+        images = [sources[i % 4].resize((320 + i, 240)) for i in range(n)]
+    else:
+        images = [im.resize((320, 240)) for im in sources]
     s = SamplingSettings(temperature=0.0, max_tokens=tokens)
     latencies: list[float] = []
 
@@ -96,7 +98,7 @@ async def run(kind: str, path: Path, args: argparse.Namespace) -> dict[str, floa
     await engine.start()
     try:
         await workload(engine, 2, 4)  # warm both paths
-        return await workload(engine, args.requests, args.tokens)
+        return await workload(engine, args.requests, args.tokens, args.distinct)
     finally:
         await engine.stop()
 
@@ -108,6 +110,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--distinct", action="store_true", help="a different image for every caption")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint(args.size, Path(tmp))
