@@ -76,7 +76,7 @@ class LiveServer:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        while httpx.get(self.base_url + "/health/ready").status_code != 200:
+        while httpx.get(self.base_url + "/health/ready", trust_env=False).status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not become ready")
             time.sleep(0.05)
@@ -87,7 +87,7 @@ class LiveServer:
         self._sock.close()
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=120, **kwargs)
+        return httpx.Client(base_url=self.base_url, timeout=120, trust_env=False, **kwargs)
 
 
 # ------------------------------------------------------------------------------- images

@@ -36,7 +36,7 @@ def seed_error(r: httpx.Response, status: int) -> Any:
 
 
 def counters(srv: LiveServer) -> dict[str, Any]:
-    return httpx.get(srv.base_url + "/health").json()  # type: ignore[no-any-return]
+    return httpx.get(srv.base_url + "/health", trust_env=False).json()  # type: ignore[no-any-return]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:

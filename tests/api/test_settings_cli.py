@@ -114,17 +114,21 @@ def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
         while True:
             assert proc.poll() is None, (tmp_path / "server.log").read_text()
             try:
-                if httpx.get(base + "/health/ready").status_code == 200:
+                if httpx.get(base + "/health/ready", trust_env=False).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "the server did not become ready"
             time.sleep(0.1)
-        health = httpx.get(base + "/health").json()
+        health = httpx.get(base + "/health", trust_env=False).json()
         assert (health["model"], health["device"], health["dtype"]) == (str(TINY), "cpu", "float32")
         body = {"question": "hi", "settings": GREEDY}
-        assert httpx.post(base + "/v1/query", json=body).status_code == 401  # the key came from the env
-        r = httpx.post(base + "/v1/query", json=body, headers={"X-Moondream-Auth": "env-key"})
+        assert (
+            httpx.post(base + "/v1/query", json=body, trust_env=False).status_code == 401
+        )  # the key came from the env
+        r = httpx.post(
+            base + "/v1/query", json=body, headers={"X-Moondream-Auth": "env-key"}, trust_env=False
+        )
         assert r.status_code == 200 and isinstance(r.json()["answer"], str)
     finally:
         proc.send_signal(signal.SIGTERM)
