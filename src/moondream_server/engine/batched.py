@@ -227,6 +227,7 @@ class BatchedEngine:
 
     async def _call(self, image: Image.Image | None, build: Callable[[], Program]) -> Request:
         """Submit a program and wait for it; raises the request's error."""
+        _, scheduler = self._parts()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Request] = loop.create_future()
 
@@ -240,7 +241,7 @@ class BatchedEngine:
 
         req = await self._submit(image, _validated(build), on_done)
         try:
-            done = await asyncio.wait_for(fut, self._timeout)
+            done = await asyncio.wait_for(fut, max(req.deadline - scheduler.clock(), 0.0))
         except TimeoutError:
             raise DeadlineExceededError(f"the request did not finish within {self._timeout:g} s") from None
         finally:
