@@ -81,6 +81,8 @@ def test_queue_full_is_429_with_retry_after(start_server: StartServer, never_sto
         r = c.post("/v1/caption", json={"image_url": file_data_url(IMG1), "stream": True})
         v1_error(r, 429)
         assert int(r.headers["Retry-After"]) >= 1
+        # Refused before the image is even decoded: a broken image gets 429 too, not 400.
+        v1_error(c.post("/v1/detect", json={"image_url": "@@@", "object": "cat"}), 429)
         r = c.post("/detect", json={"image": file_data_url(IMG1), "object": "cat"})
         assert "queue" in seed_error(r, 429)
         assert int(r.headers["Retry-After"]) >= 1

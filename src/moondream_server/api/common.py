@@ -43,6 +43,11 @@ def get_engine(request: Request) -> Engine:
         if error is not None:
             raise NotReadyError(f"the model failed to load: {error}", retry_after_s=60.0)
         raise NotReadyError()
+    # Refuse before decoding the image when the queue is already full (the engine's own
+    # admission stays the authority; this only saves the decoding work under overload).
+    check_capacity = getattr(engine, "check_capacity", None)
+    if callable(check_capacity):
+        check_capacity()
     return engine
 
 

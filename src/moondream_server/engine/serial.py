@@ -238,6 +238,11 @@ class SerialEngine:
 
     # -- admission -----------------------------------------------------------------------------
 
+    def check_capacity(self) -> None:
+        """Raise what admission would raise now (lets the API refuse before decoding an image)."""
+        if self._queue.full():
+            raise QueueFullError(f"the request queue is full ({self._max_queue} waiting)", retry_after_s=1.0)
+
     def _admit(self, job: _Job) -> None:
         if not self.is_ready():
             if self.load_error is not None:
