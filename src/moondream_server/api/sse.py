@@ -31,7 +31,8 @@ def _event(payload: dict[str, Any]) -> dict[str, str]:
 
 async def single_piece(text: str) -> AsyncIterator[str]:
     """A finished text as a one-piece stream (query with reasoning is not streamed token by token)."""
-    yield text
+    if text:
+        yield text
 
 
 async def stream_response(pieces: AsyncIterator[str], request_id: str) -> EventSourceResponse:
