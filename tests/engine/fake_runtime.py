@@ -40,6 +40,7 @@ class FakeRuntime:
     bad_images: set[str] = field(default_factory=set)
     vision_chunk: int = 1000  # crops per vision step; an image "name*k" has k crops, else 1
     vision_steps: int = 0
+    max_context: int = 100
     _ids: Any = field(default_factory=itertools.count)
 
     def session(self) -> contextlib.AbstractContextManager[None]:
@@ -70,6 +71,9 @@ class FakeRuntime:
     def new_sequence(self, encoded: Any | None) -> FakeSeq:
         return FakeSeq(f"seq{next(self._ids)}", self.prefix_len if encoded is not None else 0)
 
+    def room(self, seq: Any) -> tuple[int, int]:
+        return seq.length, self.max_context
+
     def forward(self, items: Sequence[StepItem]) -> list[StepOutput | None]:
         if self.fail_forward_when is not None and self.fail_forward_when(items):
             raise RuntimeError("forward exploded")
@@ -80,6 +84,7 @@ class FakeRuntime:
             # a program's marker rides in the first value of its input
             log.append((str(int(it.x[0, 0].item())) if it.x.numel() else "?", n))
             it.seq.length += n
+            assert it.seq.length <= self.max_context, "the scheduler overflowed a sequence"
             outputs.append(
                 StepOutput(hidden=torch.tensor([float(it.seq.length)]), logits=torch.zeros(1))
                 if it.want_output

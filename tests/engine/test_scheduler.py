@@ -417,3 +417,17 @@ def test_follower_inherits_the_vision_job_of_an_owner_that_left() -> None:
     assert isinstance(owner.error, CancelledRequestError)
     assert follower.result == [PREFIX + 2, PREFIX + 3]
     assert rt.vision_calls == [["cat*3"]] and rt.vision_steps == 3  # no second encoding
+
+
+def test_input_overflowing_the_context_fails_only_that_request() -> None:
+    s, rt, _ = make(FakeRuntime(max_context=50))
+    ok = req(counting_program(1, prompt=3, tokens=3))
+    too_long = req(counting_program(2, prompt=60, tokens=1))  # the program itself does not check
+    runs_out = req(counting_program(3, prompt=45, tokens=10))  # fits at first, overflows later
+    for r in (ok, too_long, runs_out):
+        s.submit(r)
+    drain(s)
+    assert isinstance(too_long.error, InvalidRequestError) and "context of 50" in str(too_long.error)
+    assert isinstance(runs_out.error, InvalidRequestError)
+    assert ok.result == [3, 4, 5, 6]
+    assert all("2" not in markers(st) for st in rt.steps)

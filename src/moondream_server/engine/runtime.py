@@ -93,6 +93,10 @@ class Runtime(Protocol):
         """A sequence starting from an encoded image (a copy), or empty for text-only requests."""
         ...
 
+    def room(self, seq: Any) -> tuple[int, int]:
+        """(positions already used, the most positions the sequence may hold)."""
+        ...
+
     def forward(self, items: Sequence[StepItem]) -> list[StepOutput | None]:
         """One packed forward over all items; the output of each item that wants one."""
         ...
@@ -175,6 +179,10 @@ class ModelRuntime:
     def new_sequence(self, encoded: Any | None) -> ModelSeq:
         cache, prefix = self.model.start_cache(encoded)
         return ModelSeq(cache, prefix)
+
+    def room(self, seq: Any) -> tuple[int, int]:
+        assert isinstance(seq, ModelSeq)
+        return seq.cache.length, seq.cache.max_context
 
     # -- the packed step ---------------------------------------------------------------------
     def forward(self, items: Sequence[StepItem]) -> list[StepOutput | None]:

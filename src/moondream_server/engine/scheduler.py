@@ -419,7 +419,19 @@ class Scheduler:
             any_prefill = True
         return plan
 
+    def _fits(self, s: _Seq) -> bool:
+        """Drop a sequence whose next input would overflow the context (it would fail the step)."""
+        used, limit = self.runtime.room(s.handle)
+        needed = used + int(s.pending.shape[0])
+        if needed <= limit:
+            return True
+        message = f"sequence of {needed} positions exceeds the model context of {limit}"
+        self._drop(s, InvalidRequestError(message))
+        return False
+
     def _step(self) -> bool:
+        for s in [s for s in self._active if s.pending is not None and s.handle is not None]:
+            self._fits(s)
         plan = self._plan()
         if not plan:
             return False
