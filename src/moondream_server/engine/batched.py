@@ -78,9 +78,9 @@ class BatchedEngine:
         max_batch_size: int = 8,
         image_cache_mb: float = 2048,
         threads: int | None = None,
-        max_step_tokens: int = 1024,
+        max_step_tokens: int | None = None,
         max_images_per_step: int = 4,
-        max_vision_crops: int = 16,
+        max_vision_crops: int | None = None,
         warmup: bool = True,
     ) -> None:
         self._loader = loader
@@ -152,14 +152,20 @@ class BatchedEngine:
                 dtype=str(model.dtype).removeprefix("torch."),
             )
             log.info("model %s loaded in %.2f s", self._info.model_id, time.perf_counter() - t0)
-            self.runtime = ModelRuntime(model, max_vision_crops=self._max_vision_crops)
+            gpu = model.device.type != "cpu"
+            # Per-step limits bound how long running decodes wait for new work. On a CPU a crop
+            # or a prefill position costs ~100x more than on a GPU, and batching them gains
+            # little there (the matrices are already large enough), so steps stay smaller.
+            step_tokens = self._max_step_tokens or (4096 if gpu else 1024)
+            vision_crops = self._max_vision_crops or (32 if gpu else 4)
+            self.runtime = ModelRuntime(model, max_vision_crops=vision_crops)
             if self._cache_bytes > 0:
                 self.image_cache = ImageCache(self._cache_bytes, self.runtime.image_nbytes)
             self.scheduler = Scheduler(
                 self.runtime,
                 max_batch_size=self._max_batch_size,
                 max_queue=self._max_queue,
-                max_step_tokens=self._max_step_tokens,
+                max_step_tokens=step_tokens,
                 max_images_per_step=self._max_images_per_step,
                 image_cache=self.image_cache,
             )
