@@ -431,3 +431,41 @@ def test_input_overflowing_the_context_fails_only_that_request() -> None:
     assert isinstance(runs_out.error, InvalidRequestError)
     assert ok.result == [3, 4, 5, 6]
     assert all("2" not in markers(st) for st in rt.steps)
+
+
+def test_unexpected_error_in_an_iteration_fails_active_requests_and_the_thread_goes_on() -> None:
+    rt = FakeRuntime()
+    s = Scheduler(rt, max_batch_size=2)
+    calls = {"n": 0}
+    room = rt.room
+
+    def broken_once(seq: Any) -> tuple[int, int]:  # a bug outside the forward pass, once
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("bug")
+        return room(seq)
+
+    rt.room = broken_once  # type: ignore[method-assign]
+    s.start()
+    try:
+        done = threading.Event()
+        victim = Request(
+            program=counting_program(1, prompt=1, tokens=3), image=None, deadline=1e12, on_done=lambda r: None
+        )
+        s.submit(victim)
+        for _ in range(500):
+            if victim.done:
+                break
+            threading.Event().wait(0.01)
+        assert isinstance(victim.error, KeyError)
+        after = Request(
+            program=counting_program(2, prompt=1, tokens=2),
+            image=None,
+            deadline=1e12,
+            on_done=lambda r: done.set(),
+        )
+        s.submit(after)
+        assert done.wait(5)
+        assert after.result == [1, 2, 3]
+    finally:
+        s.stop()

@@ -232,6 +232,14 @@ class Scheduler:
         for s in list(self._active):
             self._drop(s, NotReadyError("the server is shutting down"))
 
+    def _fail_active(self, error: BaseException) -> None:
+        """Last resort: drop every active sequence (their state may be inconsistent)."""
+        self._job = None
+        self._inflight.clear()
+        for s in list(self._active):
+            s.followers = []
+            self._drop(s, error)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -241,8 +249,9 @@ class Scheduler:
                     return
             try:
                 busy = self.run_once()
-            except Exception:  # never let the thread die; run_once already failed the requests
-                log.exception("unexpected error in the scheduler loop")
+            except Exception as exc:  # a bug, not a request's fault: never let the thread die
+                log.exception("unexpected error in the scheduler loop; failing the active requests")
+                self._fail_active(exc)
                 busy = False
             if not busy:
                 with self._cond:
