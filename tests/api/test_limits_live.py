@@ -19,6 +19,10 @@ from moondream_server.settings import Settings
 from tests.api.support import GREEDY, IMAGES, LiveServer, file_data_url, tiny_settings
 
 IMG1 = IMAGES[0]
+# Long generations use caption on img1: with the never-stop checkpoint its text has a space every
+# few tokens, so pieces (and the worker's cancellation checks between them) come regularly.
+# (Some prompts produce runs of >1000 characters without a space, which the detokeniser holds
+# back as one piece; cancellation would then wait for that piece.)
 StartServer = Callable[..., LiveServer]
 
 
@@ -58,10 +62,14 @@ def engine_for(settings: Settings, loader: Callable[[], ModelLike]) -> SerialEng
 
 def test_queue_full_is_429_with_retry_after(start_server: StartServer, never_stop_checkpoint: Path) -> None:
     srv = start_server(tiny_settings(model=str(never_stop_checkpoint), max_queue=1))
-    long_body = {"question": "hi", "stream": True, "settings": {"temperature": 0.0, "max_tokens": 1500}}
+    long_body = {
+        "image_url": file_data_url(IMG1),
+        "stream": True,
+        "settings": {"temperature": 0.0, "max_tokens": 1300},
+    }
     short = {"question": "hi", "settings": {"temperature": 0.0, "max_tokens": 2}}
     results: list[int] = []
-    with srv.client() as c, c.stream("POST", "/v1/query", json=long_body) as running:
+    with srv.client() as c, c.stream("POST", "/v1/caption", json=long_body) as running:
         # 1. the long request is on the worker (its first chunk is out) ...
         assert running.status_code == 200
         lines = running.iter_lines()  # keep a reference: a collected iterator closes the connection
@@ -100,11 +108,11 @@ def test_deadline_is_504_and_stops_the_work(start_server: StartServer, never_sto
     with srv.client() as c:
         # Runs to its token budget (end-of-text is unreachable): far longer than 1.5 s.
         t0 = time.monotonic()
-        r = c.post("/v1/query", json={"question": "q", "settings": {"temperature": 0.0, "max_tokens": 2000}})
+        long = {"temperature": 0.0, "max_tokens": 1300}
+        r = c.post("/v1/caption", json={"image_url": file_data_url(IMG1), "settings": long})
         err = v1_error(r, 504)
         assert err["type"] == "timeout_error"
         assert time.monotonic() - t0 < 10
-        long = {"temperature": 0.0, "max_tokens": 1300}
         seed_error(c.post("/caption", json={"image": file_data_url(IMG1), "settings": long}), 504)
         # The worker stopped both generations instead of running them to the end.
         wait_for(lambda: counters(srv)["requests"]["interrupted"] >= before["interrupted"] + 2)

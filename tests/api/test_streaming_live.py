@@ -179,9 +179,14 @@ def test_first_chunk_arrives_while_still_generating(long_server: LiveServer) -> 
 
 
 def test_client_disconnect_stops_generation(long_server: LiveServer) -> None:
-    body = {"question": "hi", "stream": True, "settings": {"temperature": 0.0, "max_tokens": 1500}}
+    # caption of img1: its never-stop text has regular spaces, so pieces (and checks) are frequent
+    body = {
+        "image_url": file_data_url(IMG1),
+        "stream": True,
+        "settings": {"temperature": 0.0, "max_tokens": 1300},
+    }
     before = counters(long_server)
-    with long_server.client() as c, c.stream("POST", "/v1/query", json=body) as r:
+    with long_server.client() as c, c.stream("POST", "/v1/caption", json=body) as r:
         assert r.status_code == 200
         next(line for line in r.iter_lines() if line.startswith("data: "))
     # The connection is closed now; the worker must notice and stop.
