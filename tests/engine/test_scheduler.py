@@ -469,3 +469,23 @@ def test_unexpected_error_in_an_iteration_fails_active_requests_and_the_thread_g
         assert after.result == [1, 2, 3]
     finally:
         s.stop()
+
+
+def test_retry_after_follows_how_long_requests_hold_a_slot() -> None:
+    s, rt, clock = make(max_batch_size=2, max_queue=4)
+    forward = rt.forward
+
+    def slow_forward(items: Any) -> Any:  # every step takes 5 s of (fake) time
+        clock.now += 5.0
+        return forward(items)
+
+    rt.forward = slow_forward  # type: ignore[method-assign]
+    for i in (1, 2):
+        s.submit(req(counting_program(i, prompt=1, tokens=1)))
+    drain(s)  # each held its slot for 2 steps = 10 s
+    for i in range(3, 7):
+        s.submit(req(counting_program(i, prompt=1, tokens=1)))
+    with pytest.raises(QueueFullError) as info:
+        s.submit(req(counting_program(9, prompt=1, tokens=1)))
+    # 4 waiting, served 2 at a time, ~10 s each: the queue has drained in about 20 s
+    assert info.value.retry_after_s == 20.0

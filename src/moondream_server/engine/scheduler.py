@@ -153,6 +153,7 @@ class Scheduler:
         self._inflight: dict[Hashable, _Seq] = {}  # image key -> the seq encoding it
         self._purged: list[Request] = []  # cancelled while waiting, dropped by submit()
         self._job: tuple[VisionJob, list[_Seq]] | None = None  # the vision job under way
+        self._service_s: float | None = None  # moving average of a completed request's time in a slot
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -194,7 +195,11 @@ class Scheduler:
         self._waiting = keep  # the scheduler thread finishes the purged ones at its next reap
 
     def _retry_after_locked(self) -> float:
-        return 1.0
+        """Seconds until the queue ahead has drained: served max_batch_size at a time (1 to 60)."""
+        if self._service_s is None:
+            return 1.0
+        estimate = self._service_s * len(self._waiting) / self.max_batch_size
+        return float(min(max(round(estimate), 1), 60))
 
     @property
     def queue_depth(self) -> int:
@@ -553,6 +558,9 @@ class Scheduler:
         req.finished_at = self.clock()
         if error is None:
             self.stats.completed += 1
+            if req.started_at is not None:
+                took = req.finished_at - req.started_at
+                self._service_s = took if self._service_s is None else 0.8 * self._service_s + 0.2 * took
         elif isinstance(error, CancelledRequestError):
             self.stats.cancelled += 1
         elif isinstance(error, DeadlineExceededError):
