@@ -229,3 +229,57 @@ def test_leaving_frees_the_slot(never_stop_path: Path, images: list[Image.Image]
         assert done.metrics.output_tokens == 3 and done.finish_reason == "length"
 
     with_engine(make_engine(never_stop_path), body)
+
+
+def test_random_cancellations_leave_the_others_exact(
+    reference_model: Moondream, images: list[Image.Image]
+) -> None:
+    """Every third request is abandoned at a random moment (owners of images included)."""
+    import random
+
+    rng = random.Random(1234)
+    plan = [(i, images[i % 3], i % 4) for i in range(24)]
+    expected: dict[int, Any] = {}
+    for i, im, kind in plan:
+        if i % 3 == 0:
+            continue
+        if kind == 0:
+            expected[i] = reference_model.caption(im, settings=GREEDY)["caption"]
+        elif kind == 1:
+            expected[i] = reference_model.query(im, f"Question {i}?", settings=GREEDY)["answer"]
+        elif kind == 2:
+            expected[i] = [(p["x"], p["y"]) for p in reference_model.point(im, "cat", settings=OBJ)["points"]]
+        else:
+            expected[i] = reference_model.query(None, f"Question {i}?", settings=GREEDY)["answer"]
+
+    async def one(e: BatchedEngine, i: int, im: Image.Image, kind: int) -> Any:
+        if kind == 0:
+            return (await e.caption(im, "normal", G)).text
+        if kind == 1:
+            return "".join(await collect(e.stream_query(im, f"Question {i}?", spatial_refs=[], settings=G)))
+        if kind == 2:
+            return [(p.x, p.y) for p in (await e.point(im, "cat", OBJ_S)).points]
+        return (await e.query(None, f"Question {i}?", reasoning=False, spatial_refs=[], settings=G)).text
+
+    async def body(e: BatchedEngine) -> tuple[dict[int, Any], int]:
+        assert e.scheduler is not None
+        tasks = {i: asyncio.create_task(one(e, i, im, kind)) for i, im, kind in plan}
+        for i in sorted(tasks, key=lambda _: rng.random()):
+            if i % 3 == 0:
+                await asyncio.sleep(rng.random() * 0.05)
+                tasks[i].cancel()
+        results = dict(zip(tasks, await asyncio.gather(*tasks.values(), return_exceptions=True), strict=True))
+        for _ in range(300):
+            if e.scheduler.active_count == 0 and e.scheduler.queue_depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        return results, e.scheduler.active_count + e.scheduler.queue_depth
+
+    results, left = with_engine(make_engine(max_batch_size=4), body)
+    assert left == 0
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results.values()) >= 1
+    for i, res in results.items():
+        if i % 3 == 0:
+            assert isinstance(res, asyncio.CancelledError) or not isinstance(res, BaseException), res
+        else:
+            assert res == expected[i], i
