@@ -132,16 +132,33 @@ def test_cache_hits_do_not_jump_the_queue() -> None:
 
 def test_queue_full_raises_at_once_and_recovers() -> None:
     s, _, _ = make(max_batch_size=1, max_queue=2)
-    reqs = [req(counting_program(i, prompt=1, tokens=1)) for i in range(3)]
-    for r in reqs[:2]:
+    reqs = [req(counting_program(i, prompt=1, tokens=1)) for i in range(4)]
+    for r in reqs[:3]:  # one for the free slot, two for the queue
         s.submit(r)
     with pytest.raises(QueueFullError) as info:
-        s.submit(reqs[2])
+        s.submit(reqs[3])
     assert info.value.retry_after_s > 0
-    s.run_once()  # one of the two gets the slot: a queue place is free again
-    s.submit(reqs[2])
+    s.run_once()  # one takes the slot: still 2 waiting, still full
+    with pytest.raises(QueueFullError):
+        s.submit(reqs[3])
+    while not reqs[0].done:  # the first finishes and the next takes its slot
+        s.run_once()
+    s.run_once()
+    s.submit(reqs[3])
     drain(s)
-    assert all(r.error is None and r.result is not None for r in reqs)
+    assert all(r.error is None and r.result == [1, 2] for r in reqs)
+    assert s.stats.rejected == 2
+
+
+def test_a_burst_on_an_idle_scheduler_fills_the_free_slots_without_queue_full() -> None:
+    s, _, _ = make(max_batch_size=4, max_queue=1)
+    reqs = [req(counting_program(i, prompt=1, tokens=1)) for i in range(5)]
+    for r in reqs:  # 4 free slots + 1 queue place: nobody is refused
+        s.submit(r)
+    with pytest.raises(QueueFullError):
+        s.submit(req(counting_program(9, prompt=1, tokens=1)))
+    drain(s)
+    assert all(r.result == [1, 2] for r in reqs)
 
 
 def test_cancelled_waiting_request_frees_its_queue_place() -> None:
@@ -483,9 +500,9 @@ def test_retry_after_follows_how_long_requests_hold_a_slot() -> None:
     for i in (1, 2):
         s.submit(req(counting_program(i, prompt=1, tokens=1)))
     drain(s)  # each held its slot for 2 steps = 10 s
-    for i in range(3, 7):
+    for i in range(3, 9):  # 2 for the free slots, 4 for the queue
         s.submit(req(counting_program(i, prompt=1, tokens=1)))
     with pytest.raises(QueueFullError) as info:
         s.submit(req(counting_program(9, prompt=1, tokens=1)))
-    # 4 waiting, served 2 at a time, ~10 s each: the queue has drained in about 20 s
+    # 4 will wait, served 2 at a time, ~10 s each: the queue has drained in about 20 s
     assert info.value.retry_after_s == 20.0

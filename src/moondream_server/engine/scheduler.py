@@ -173,12 +173,18 @@ class Scheduler:
         with self._cond:
             self._check_capacity_locked()
 
+    def _free_slots(self) -> int:
+        # Read from submitting threads without the scheduler's cooperation: a close estimate.
+        return max(0, self.max_batch_size - len(self._active))
+
     def _check_capacity_locked(self) -> None:
+        """``max_queue`` requests may wait; those that free slots will take at once do not count."""
         if self._closed:
             raise NotReadyError("the server is shutting down")
-        if len(self._waiting) >= self.max_queue:
+        limit = self.max_queue + self._free_slots()
+        if len(self._waiting) >= limit:
             self._purge_waiting_locked()
-        if len(self._waiting) >= self.max_queue:
+        if len(self._waiting) >= limit:
             self.stats.rejected += 1
             raise QueueFullError(
                 f"the request queue is full ({self.max_queue} waiting)",
@@ -198,11 +204,13 @@ class Scheduler:
         """Seconds until the queue ahead has drained: served max_batch_size at a time (1 to 60)."""
         if self._service_s is None:
             return 1.0
-        estimate = self._service_s * len(self._waiting) / self.max_batch_size
+        ahead = max(0, len(self._waiting) - self._free_slots())
+        estimate = self._service_s * ahead / self.max_batch_size
         return float(min(max(round(estimate), 1), 60))
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for a slot (briefly including those about to take a free one)."""
         return len(self._waiting)
 
     @property
