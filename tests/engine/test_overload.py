@@ -108,3 +108,21 @@ def test_settings_select_and_start_the_batched_engine(reference_model: Moondream
             await engine.query(None, question, reasoning=False, spatial_refs=[], settings=SHORT)
 
     asyncio.run(main())
+
+
+def test_check_capacity_refuses_before_any_work(never_stop_path: Path) -> None:
+    async def body(e: BatchedEngine) -> None:
+        assert e.scheduler is not None
+        e.check_capacity()  # idle: room
+        stream = e.stream_query(None, "Go", spatial_refs=[], settings=LONG)
+        await anext(stream)  # holds the only slot
+        waiting = asyncio.create_task(e.query(None, "Wait", reasoning=False, spatial_refs=[], settings=SHORT))
+        while e.scheduler.queue_depth < 1:
+            await asyncio.sleep(0.005)
+        with pytest.raises(QueueFullError):
+            e.check_capacity()
+        await stream.aclose()
+        assert (await waiting).metrics.output_tokens == SHORT.max_tokens
+        e.check_capacity()  # room again
+
+    with_engine(make_engine(never_stop_path, max_batch_size=1, max_queue=1), body)

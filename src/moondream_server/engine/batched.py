@@ -200,6 +200,13 @@ class BatchedEngine:
             raise NotReadyError()
         return self.runtime, self.scheduler
 
+    def check_capacity(self) -> None:
+        """Raise now what a submission would raise at admission (the API calls this before
+        decoding an image, so a full queue costs nothing)."""
+        self._check_ready()
+        _, scheduler = self._parts()
+        scheduler.check_capacity()
+
     def _check_ready(self) -> ModelRuntime:
         runtime, _ = self._parts()
         if not self._ready:
