@@ -98,6 +98,18 @@ def open_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
+_ENCODED: dict[tuple[int, Path], Any] = {}
+
+
+def encoded(model: Any, path: Path) -> Any:
+    """The model's encoding of a test image, computed once per model: direct calls then skip the
+    vision tower (the reference API takes an encoded image in place of a PIL image)."""
+    key = (id(model), path)
+    if key not in _ENCODED:
+        _ENCODED[key] = model.encode_image(open_rgb(path))
+    return _ENCODED[key]
+
+
 def file_data_url(path: Path, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 

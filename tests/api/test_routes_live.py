@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from moondream_server.model import Moondream
-from tests.api.support import GREEDY, IMAGES, TINY, LiveServer, file_data_url, open_rgb
+from tests.api.support import GREEDY, IMAGES, TINY, LiveServer, encoded, file_data_url, open_rgb
 
 IMG1, IMG2, IMG3, IMG4, IMG5 = IMAGES
 QUESTION = "What is in this image?"
@@ -99,13 +99,13 @@ def test_docs_and_openapi_describe_every_route(client: httpx.Client) -> None:
 # ------------------------------------------------------------------------------ /v1 family
 
 
-@pytest.mark.parametrize("path", IMAGES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [IMG1, IMG2, IMG5], ids=lambda p: p.stem)  # RGB, L, 13 crops
 def test_v1_caption_matches_model(client: httpx.Client, tiny_model: Moondream, path: Path) -> None:
     r = client.post("/v1/caption", json={"image_url": file_data_url(path), "settings": GREEDY})
     assert r.status_code == 200, r.text
     body = r.json()
     check_v1_envelope(body, "caption")
-    assert body["caption"] == tiny_model.caption(open_rgb(path), settings=GREEDY)["caption"]
+    assert body["caption"] == tiny_model.caption(encoded(tiny_model, path), settings=GREEDY)["caption"]
 
 
 @pytest.mark.parametrize("length", ["short", "normal", "long"])
@@ -118,7 +118,8 @@ def test_v1_caption_lengths(
     )
     assert r.status_code == 200, r.text
     assert (
-        r.json()["caption"] == tiny_model.caption(open_rgb(IMG1), length=length, settings=settings)["caption"]
+        r.json()["caption"]
+        == tiny_model.caption(encoded(tiny_model, IMG1), length=length, settings=settings)["caption"]
     )
 
 
@@ -143,7 +144,7 @@ def test_v1_query_matches_model(client: httpx.Client, tiny_model: Moondream, pat
     body = r.json()
     check_v1_envelope(body, "query")
     assert "reasoning" not in body
-    assert body["answer"] == tiny_model.query(open_rgb(path), QUESTION, settings=GREEDY)["answer"]
+    assert body["answer"] == tiny_model.query(encoded(tiny_model, path), QUESTION, settings=GREEDY)["answer"]
 
 
 def test_v1_query_text_only(client: httpx.Client, tiny_model: Moondream) -> None:
@@ -158,7 +159,7 @@ def test_v1_query_reasoning(client: httpx.Client, tiny_model: Moondream, path: P
     r = client.post("/v1/query", json=body)
     assert r.status_code == 200, r.text
     got = r.json()
-    want = tiny_model.query(open_rgb(path), QUESTION, reasoning=True, settings=GREEDY)
+    want = tiny_model.query(encoded(tiny_model, path), QUESTION, reasoning=True, settings=GREEDY)
     assert got["answer"] == want["answer"]
     assert got["reasoning"]["text"] == want["reasoning"]["text"]
     assert [
@@ -174,7 +175,7 @@ def test_v1_query_spatial_refs(client: httpx.Client, tiny_model: Moondream, refs
     body = {"image_url": file_data_url(IMG2), "question": QUESTION, "spatial_refs": refs, "settings": GREEDY}
     r = client.post("/v1/query", json=body)
     assert r.status_code == 200, r.text
-    want = tiny_model.query(open_rgb(IMG2), QUESTION, spatial_refs=refs, settings=GREEDY)["answer"]
+    want = tiny_model.query(encoded(tiny_model, IMG2), QUESTION, spatial_refs=refs, settings=GREEDY)["answer"]
     assert r.json()["answer"] == want
 
 
@@ -186,13 +187,15 @@ def test_v1_detect_matches_model(client: httpx.Client, tiny_model: Moondream, pa
     assert r.status_code == 200, r.text
     body = r.json()
     check_v1_envelope(body, "detect")
-    assert boxes(body["objects"]) == expected_boxes(tiny_model, open_rgb(path), "cat", {"max_objects": 4})
+    assert boxes(body["objects"]) == expected_boxes(
+        tiny_model, encoded(tiny_model, path), "cat", {"max_objects": 4}
+    )
 
 
 def test_v1_detect_default_settings(client: httpx.Client, tiny_model: Moondream) -> None:
     r = client.post("/v1/detect", json={"image_url": file_data_url(IMG2), "object": "dog"})
     assert r.status_code == 200, r.text
-    assert boxes(r.json()["objects"]) == expected_boxes(tiny_model, open_rgb(IMG2), "dog", None)
+    assert boxes(r.json()["objects"]) == expected_boxes(tiny_model, encoded(tiny_model, IMG2), "dog", None)
 
 
 @pytest.mark.parametrize("path", [IMG2], ids=lambda p: p.stem)
@@ -201,7 +204,7 @@ def test_v1_point_matches_model(client: httpx.Client, tiny_model: Moondream, pat
     assert r.status_code == 200, r.text
     body = r.json()
     check_v1_envelope(body, "point")
-    want = expected_points(tiny_model, open_rgb(path), "cat", None)
+    want = expected_points(tiny_model, encoded(tiny_model, path), "cat", None)
     assert pts(body["points"]) == want
     assert body["count"] == len(want)
 
@@ -218,7 +221,7 @@ def test_v1_ignores_model_variant_and_unknown_keys(client: httpx.Client, tiny_mo
     }
     r = client.post("/v1/caption", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["caption"] == tiny_model.caption(open_rgb(IMG1), settings=GREEDY)["caption"]
+    assert r.json()["caption"] == tiny_model.caption(encoded(tiny_model, IMG1), settings=GREEDY)["caption"]
 
 
 def test_double_and_trailing_slashes_are_served_without_redirect(client: httpx.Client) -> None:
@@ -241,7 +244,7 @@ def test_responses_are_never_compressed(client: httpx.Client) -> None:
 def test_bare_base64_and_other_mimes_accepted(client: httpx.Client, tiny_model: Moondream) -> None:
     url = file_data_url(IMG1)
     bare = url.split(",", 1)[1]
-    want = tiny_model.caption(open_rgb(IMG1), settings=GREEDY)["caption"]
+    want = tiny_model.caption(encoded(tiny_model, IMG1), settings=GREEDY)["caption"]
     for image in (bare, url.replace("image/png", "image/jpeg"), url.replace("image/png", "image/x-whatever")):
         r = client.post("/v1/caption", json={"image_url": image, "settings": GREEDY})
         assert r.status_code == 200, r.text
@@ -256,7 +259,10 @@ def test_seed_caption(client: httpx.Client, tiny_model: Moondream) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "success"
-    assert body["caption"] == tiny_model.caption(open_rgb(IMG2), length="short", settings=GREEDY)["caption"]
+    assert (
+        body["caption"]
+        == tiny_model.caption(encoded(tiny_model, IMG2), length="short", settings=GREEDY)["caption"]
+    )
 
 
 def test_seed_query(client: httpx.Client, tiny_model: Moondream) -> None:
@@ -264,7 +270,7 @@ def test_seed_query(client: httpx.Client, tiny_model: Moondream) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "success"
-    assert body["answer"] == tiny_model.query(open_rgb(IMG2), QUESTION, settings=GREEDY)["answer"]
+    assert body["answer"] == tiny_model.query(encoded(tiny_model, IMG2), QUESTION, settings=GREEDY)["answer"]
 
 
 def test_seed_detect(client: httpx.Client, tiny_model: Moondream) -> None:
@@ -274,7 +280,9 @@ def test_seed_detect(client: httpx.Client, tiny_model: Moondream) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "success"
-    assert boxes(body["detections"]) == expected_boxes(tiny_model, open_rgb(IMG1), "cat", {"max_objects": 4})
+    assert boxes(body["detections"]) == expected_boxes(
+        tiny_model, encoded(tiny_model, IMG1), "cat", {"max_objects": 4}
+    )
 
 
 def test_seed_point(client: httpx.Client, tiny_model: Moondream) -> None:
@@ -284,7 +292,7 @@ def test_seed_point(client: httpx.Client, tiny_model: Moondream) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "success"
-    want = expected_points(tiny_model, open_rgb(IMG2), "cat", {"max_objects": 4})
+    want = expected_points(tiny_model, encoded(tiny_model, IMG2), "cat", {"max_objects": 4})
     assert pts(body["coordinates"]["points"]) == want
     assert body["coordinates"]["count"] == len(want)
 
@@ -299,7 +307,8 @@ def test_upload_caption(client: httpx.Client, tiny_model: Moondream) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "success"
     assert (
-        r.json()["caption"] == tiny_model.caption(open_rgb(IMG4), length="long", settings=GREEDY)["caption"]
+        r.json()["caption"]
+        == tiny_model.caption(encoded(tiny_model, IMG4), length="long", settings=GREEDY)["caption"]
     )
 
 
@@ -307,7 +316,9 @@ def test_upload_query(client: httpx.Client, tiny_model: Moondream) -> None:
     data = {"question": QUESTION, "settings": json.dumps(GREEDY), "spatial_refs": "[[0.25, 0.5]]"}
     r = client.post("/upload/query", files=_file(IMG2), data=data)
     assert r.status_code == 200, r.text
-    want = tiny_model.query(open_rgb(IMG2), QUESTION, spatial_refs=[[0.25, 0.5]], settings=GREEDY)["answer"]
+    want = tiny_model.query(encoded(tiny_model, IMG2), QUESTION, spatial_refs=[[0.25, 0.5]], settings=GREEDY)[
+        "answer"
+    ]
     assert r.json()["answer"] == want
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moondream_server.model import Moondream, load
-from tests.api.support import GREEDY, IMAGES, LiveServer, file_data_url, open_rgb, tiny_settings
+from tests.api.support import GREEDY, IMAGES, LiveServer, encoded, file_data_url, open_rgb, tiny_settings
 
 IMG1, IMG2, IMG3, IMG4, _ = IMAGES
 QUESTION = "What is in this image?"
@@ -69,13 +69,13 @@ def test_v1_caption_stream_joins_to_the_answer(
     settings = {"temperature": 0.0, "max_tokens": 40}
     body = {"image_url": file_data_url(path), "length": "long", "stream": True, "settings": settings}
     text = check_stream(stream_post(client, "/v1/caption", json=body))
-    assert text == tiny_model.caption(open_rgb(path), length="long", settings=settings)["caption"]
+    assert text == tiny_model.caption(encoded(tiny_model, path), length="long", settings=settings)["caption"]
 
 
 def test_v1_query_stream_joins_to_the_answer(client: httpx.Client, tiny_model: Moondream) -> None:
     body = {"image_url": file_data_url(IMG2), "question": QUESTION, "stream": True, "settings": GREEDY}
     text = check_stream(stream_post(client, "/v1/query", json=body))
-    assert text == tiny_model.query(open_rgb(IMG2), QUESTION, settings=GREEDY)["answer"]
+    assert text == tiny_model.query(encoded(tiny_model, IMG2), QUESTION, settings=GREEDY)["answer"]
 
 
 def test_v1_query_stream_text_only(client: httpx.Client, tiny_model: Moondream) -> None:
@@ -88,27 +88,30 @@ def test_v1_query_stream_with_reasoning_sends_the_answer(client: httpx.Client, t
     body = {"image_url": file_data_url(IMG2), "question": QUESTION, "stream": True, "reasoning": True}
     body["settings"] = GREEDY
     text = check_stream(stream_post(client, "/v1/query", json=body))
-    assert text == tiny_model.query(open_rgb(IMG2), QUESTION, reasoning=True, settings=GREEDY)["answer"]
+    assert (
+        text
+        == tiny_model.query(encoded(tiny_model, IMG2), QUESTION, reasoning=True, settings=GREEDY)["answer"]
+    )
 
 
 def test_seed_streams(client: httpx.Client, tiny_model: Moondream) -> None:
     settings = {"temperature": 0.0, "max_tokens": 40}
     body = {"image": file_data_url(IMG1), "length": "short", "stream": True, "settings": settings}
     text = check_stream(stream_post(client, "/caption", json=body))
-    assert text == tiny_model.caption(open_rgb(IMG1), length="short", settings=settings)["caption"]
+    assert text == tiny_model.caption(encoded(tiny_model, IMG1), length="short", settings=settings)["caption"]
 
     body = {"image": file_data_url(IMG3), "question": QUESTION, "stream": True, "settings": GREEDY}
     text = check_stream(stream_post(client, "/query", json=body))
-    assert text == tiny_model.query(open_rgb(IMG3), QUESTION, settings=GREEDY)["answer"]
+    assert text == tiny_model.query(encoded(tiny_model, IMG3), QUESTION, settings=GREEDY)["answer"]
 
     files = {"file": ("a.png", IMG1.read_bytes(), "image/png")}
     data = {"stream": "true", "settings": json.dumps(settings)}
     text = check_stream(stream_post(client, "/upload/caption", files=files, data=data))
-    assert text == tiny_model.caption(open_rgb(IMG1), settings=settings)["caption"]
+    assert text == tiny_model.caption(encoded(tiny_model, IMG1), settings=settings)["caption"]
 
     data = {"stream": "true", "question": QUESTION, "settings": json.dumps(GREEDY)}
     text = check_stream(stream_post(client, "/upload/query", files=files, data=data))
-    assert text == tiny_model.query(open_rgb(IMG1), QUESTION, settings=GREEDY)["answer"]
+    assert text == tiny_model.query(encoded(tiny_model, IMG1), QUESTION, settings=GREEDY)["answer"]
 
 
 def test_errors_before_the_stream_are_real_statuses(client: httpx.Client) -> None:
