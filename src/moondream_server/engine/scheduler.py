@@ -526,6 +526,7 @@ class Scheduler:
 
     def _drop(self, s: _Seq, error: BaseException, *, fail_followers: bool = False) -> None:
         """Remove a sequence with an error; its followers get the error or take over the image."""
+        prefill = s.pending if s.phase == "image_prefill" else None  # encoded, not yet prefilled
         self._remove(s)
         with contextlib.suppress(Exception):
             s.req.program.close()
@@ -538,12 +539,21 @@ class Scheduler:
             for f in followers:
                 self._drop(f, error)
             return
-        # The owner left before its image was ready: the first follower encodes it instead.
+        # The owner left before its image was ready: the first follower takes over, from the
+        # encoded image if there is one (else it encodes the image itself).
         heir, rest = followers[0], followers[1:]
-        heir.phase = "need_vision"
         heir.followers = rest
         if heir.key is not None:
             self._inflight[heir.key] = heir
+        heir.phase = "need_vision"
+        if prefill is not None:
+            try:
+                heir.handle = self.runtime.new_image_sequence()
+            except Exception as exc:
+                self._drop(heir, request_error(exc), fail_followers=True)
+                return
+            heir.pending = prefill
+            heir.phase = "image_prefill"
 
     def _remove(self, s: _Seq) -> None:
         if s in self._active:
