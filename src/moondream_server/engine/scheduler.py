@@ -17,9 +17,13 @@ keeps up to ``max_batch_size`` programs active and, on every iteration:
    prefills (730 positions; never chunked, so a step exceeds the budget by at most one image
    prefix). Outputs go back to the programs, which yield their next input or finish.
 
-Errors raised by one program (e.g. a prompt that does not fit) fail that request only; an
-exception in the forward or the vision pass fails the requests it involved, and the thread
-keeps serving. The scheduler can also be driven by hand (``run_once``) for tests.
+Admission: ``submit`` refuses at once (QueueFullError, with a Retry-After estimated from how
+long requests hold a slot) when ``max_queue`` requests already wait beyond the free slots.
+
+Errors raised by one program (e.g. a prompt that does not fit) fail that request only; an input
+that would overflow a sequence's context is refused before the step; an exception in the
+forward or the vision pass fails the requests it involved, and the thread keeps serving. The
+scheduler can also be driven by hand (``run_once``) for tests.
 """
 
 from __future__ import annotations
