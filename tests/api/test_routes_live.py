@@ -4,13 +4,14 @@ golden data elsewhere)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from moondream_server.model import Moondream
 from tests.api.support import GREEDY, IMAGES, TINY, LiveServer, encoded, file_data_url, open_rgb
@@ -346,3 +347,39 @@ def test_seed_and_v1_agree(server: LiveServer, client: httpx.Client) -> None:
     seed = client.post("/query", json={"image": url, "question": "hi", "settings": GREEDY}).json()
     v1 = client.post("/v1/query", json={"image_url": url, "question": "hi", "settings": GREEDY}).json()
     assert seed["answer"] == v1["answer"]
+
+
+def _as(fmt: str, exif_orientation: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    src = open_rgb(IMG2)
+    kwargs: dict[str, Any] = {"lossless": True} if fmt == "WEBP" else {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    src.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "orientation"),
+    [("JPEG", None), ("WEBP", None), ("GIF", None), ("BMP", None), ("TIFF", None), ("JPEG", 6)],
+    ids=["jpeg", "webp", "gif", "bmp", "tiff", "jpeg-exif-rotated"],
+)
+def test_image_formats_and_exif_through_the_server(
+    client: httpx.Client, tiny_model: Moondream, fmt: str, orientation: int | None
+) -> None:
+    data = _as(fmt, orientation)
+    with Image.open(io.BytesIO(data)) as img:
+        upright = ImageOps.exif_transpose(img).convert("RGB")  # what the server must see
+    if orientation == 6:
+        assert upright.size == (480, 640)
+    mime = f"image/{fmt.lower()}"
+    r = client.post(
+        "/upload/point",
+        files={"file": ("x", data, mime)},
+        data={"settings": '{"max_objects": 4}'} | {"object": "cat"},
+    )
+    assert r.status_code == 200, r.text
+    want = expected_points(tiny_model, upright, "cat", {"max_objects": 4})
+    assert pts(r.json()["coordinates"]["points"]) == want
