@@ -29,6 +29,8 @@ GREEDY = {"temperature": 0.0, "max_tokens": 24}
 G = SamplingSettings(temperature=0.0, max_tokens=24)
 OBJ = {"max_objects": 4}
 OBJ_S = SamplingSettings(max_objects=4)
+BUDGETS = (24, 7, 13)  # max_tokens per image in the mixed test
+OBJECTS = (4, 1, 2)  # max_objects per image in the mixed test
 
 
 def boxes(objects: list[dict[str, float]]) -> list[tuple[float, ...]]:
@@ -42,41 +44,50 @@ def test_mixed_concurrent_traffic_equals_one_at_a_time(
     refs_pt = [[0.25, 0.5]]
     refs_box = [[0.1, 0.2, 0.6, 0.9]]
     expected: list[Any] = []
-    for im in images:
+    for j, im in enumerate(images):
+        # every sequence keeps its own budgets: they differ from image to image
+        gj = {"temperature": 0.0, "max_tokens": BUDGETS[j]}
+        oj = {"max_objects": OBJECTS[j]}
         enc = m.encode_image(im)
         expected += [
-            m.caption(enc, settings=GREEDY)["caption"],
-            list(m.caption(enc, length="short", stream=True, settings=GREEDY)["caption"]),
-            m.query(enc, "What is in the image?", settings=GREEDY)["answer"],
-            m.query(enc, "Where is it?", reasoning=True, settings=GREEDY),
-            m.query(enc, "What is here?", spatial_refs=refs_pt, settings=GREEDY)["answer"],
-            list(m.query(enc, "And here?", spatial_refs=refs_box, stream=True, settings=GREEDY)["answer"]),
-            boxes(m.detect(enc, "cat", settings=OBJ)["objects"]),
-            [(p["x"], p["y"]) for p in m.point(enc, "dog", settings=OBJ)["points"]],
+            m.caption(enc, settings=gj)["caption"],
+            list(m.caption(enc, length="short", stream=True, settings=gj)["caption"]),
+            m.query(enc, "What is in the image?", settings=gj)["answer"],
+            m.query(enc, "Where is it?", reasoning=True, settings=gj),
+            m.query(enc, "What is here?", spatial_refs=refs_pt, settings=gj)["answer"],
+            list(m.query(enc, "And here?", spatial_refs=refs_box, stream=True, settings=gj)["answer"]),
+            boxes(m.detect(enc, "cat", settings=oj)["objects"]),
+            [(p["x"], p["y"]) for p in m.point(enc, "dog", settings=oj)["points"]],
         ]
     expected.append(m.query(None, "Tell me a story.", settings=GREEDY)["answer"])
     expected.append(list(m.query(None, "Why?", stream=True, settings=GREEDY)["answer"]))
 
     async def body(e: BatchedEngine) -> list[Any]:
         calls: list[Awaitable[Any]] = []
-        for im in images:
+        for j, im in enumerate(images):
+            gs = SamplingSettings(temperature=0.0, max_tokens=BUDGETS[j])
+            os_ = SamplingSettings(max_objects=OBJECTS[j])
             calls += [
-                e.caption(im, "normal", G),
-                collect(e.stream_caption(im, "short", G)),
-                e.query(im, "What is in the image?", reasoning=False, spatial_refs=[], settings=G),
-                e.query(im, "Where is it?", reasoning=True, spatial_refs=[], settings=G),
-                e.query(im, "What is here?", reasoning=False, spatial_refs=[(0.25, 0.5)], settings=G),
-                collect(e.stream_query(im, "And here?", spatial_refs=[(0.1, 0.2, 0.6, 0.9)], settings=G)),
-                e.detect(im, "cat", OBJ_S),
-                e.point(im, "dog", OBJ_S),
+                e.caption(im, "normal", gs),
+                collect(e.stream_caption(im, "short", gs)),
+                e.query(im, "What is in the image?", reasoning=False, spatial_refs=[], settings=gs),
+                e.query(im, "Where is it?", reasoning=True, spatial_refs=[], settings=gs),
+                e.query(im, "What is here?", reasoning=False, spatial_refs=[(0.25, 0.5)], settings=gs),
+                collect(e.stream_query(im, "And here?", spatial_refs=[(0.1, 0.2, 0.6, 0.9)], settings=gs)),
+                e.detect(im, "cat", os_),
+                e.point(im, "dog", os_),
             ]
         calls.append(e.query(None, "Tell me a story.", reasoning=False, spatial_refs=[], settings=G))
         calls.append(collect(e.stream_query(None, "Why?", spatial_refs=[], settings=G)))
+        # a sampled request in the same steps must not disturb the greedy ones
+        calls.append(e.caption(images[0], "long", SamplingSettings(temperature=1.0, top_p=0.9, max_tokens=5)))
         return await asyncio.gather(*calls)
 
     engine = make_engine()
     got = with_engine(engine, body)
     assert engine.runtime is not None and engine.scheduler is not None
+    sampled = got.pop()
+    assert sampled.metrics.output_tokens <= 5 and sampled.finish_reason in ("stop", "length")
     for i, (exp, res) in enumerate(zip(expected, got, strict=True)):
         n = 8 * len(images)
         kind = i % 8 if i < n else (0 if i == n else 1)
@@ -97,7 +108,7 @@ def test_mixed_concurrent_traffic_equals_one_at_a_time(
     # it really batched: each image encoded once for its 8 requests, steps shared by sequences
     assert engine.runtime.images_embedded == len(images)
     assert max(engine.scheduler.stats.step_sizes) > 1
-    assert engine.scheduler.stats.completed == len(expected)
+    assert engine.scheduler.stats.completed == len(expected) + 1
 
 
 @pytest.mark.parametrize(("chunk", "passes"), [(16, 1), (4, 4)])
