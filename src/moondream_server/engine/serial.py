@@ -6,8 +6,13 @@
 * Streams hand each text piece from the worker thread to the event loop as soon as it exists.
   Closing the async iterator (or its deadline passing) sets a cancel flag that the worker checks
   between pieces, so an abandoned stream stops generating.
+* Non-streamed caption/query also run through the model's stream mode (its pieces join to exactly
+  the non-streamed text), so a passed deadline stops them between pieces too. Reasoning queries,
+  detect and point are single uninterruptible calls; their callers still get 504 on time.
 * ``start()`` loads the model and runs one warm-up call on the worker thread, never on the event
   loop; ``is_ready()`` is false until both are done.
+* ``stats`` counts completed, failed, interrupted (consumer gone or deadline passed while running
+  or waiting) and expired_in_queue requests; ``/health`` shows them.
 """
 
 from __future__ import annotations
