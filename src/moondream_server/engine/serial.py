@@ -476,7 +476,7 @@ def _translate(exc: Exception) -> Exception:
 
 def _last_result(model: ModelLike) -> Any:
     """The model's record of its last run (token counts, finish reason), if it keeps one."""
-    return getattr(model, "_last_result", None)
+    return getattr(model, "last_result", None)
 
 
 def _details(model: ModelLike, secs: float) -> dict[str, Any]:

@@ -60,7 +60,9 @@ class Moondream:
     ) -> None:
         # Inference only: no autograd graphs, even for ops outside inference_mode.
         self.net = net.eval().requires_grad_(False)
-        self._last_result = TaskResult()
+        # What the last finished call produced (token counts, finish reason), for callers that
+        # use the dict-returning public API but also want usage figures.
+        self.last_result = TaskResult()
         self.tokenizer = tokenizer
         self.config = config
         self.model_id = model_id
@@ -141,7 +143,7 @@ class Moondream:
         """Drive one program to completion."""
         for _ in self._steps(program, image):
             pass
-        return self._last_result
+        return self.last_result
 
     def _steps(self, program: Program, image: EncodedImage | None) -> Iterator[None]:
         """Drive a program, pausing after every forward step (so streams can flush)."""
@@ -153,7 +155,7 @@ class Moondream:
             try:
                 x = program.send(out)
             except StopIteration as stop:
-                self._last_result = stop.value
+                self.last_result = stop.value
                 return
 
     def _stream(
