@@ -130,6 +130,19 @@ def test_hpa_scales_the_deployment() -> None:
     assert "cpu" in container()["resources"]["requests"], "CPU utilisation needs a CPU request"
 
 
+def test_hpa_queue_metric_is_one_the_app_exports() -> None:
+    hpa = yaml.safe_load((REPO / "deploy/k8s/hpa.yaml").read_text(encoding="utf-8"))
+    names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert names == ["moondream_queue_depth"]
+    app = create_app(Settings(model=str(REPO / "tests/fixtures/moondream2-tiny"), device="cpu"))
+    response = TestClient(app).get(
+        documents()["Deployment"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+    )
+    assert response.status_code == 200
+    samples = {line.split(" ")[0] for line in response.text.splitlines() if not line.startswith("#")}
+    assert names[0] in samples
+
+
 @pytest.mark.parametrize("version", ["1.29.0", "latest"])
 @pytest.mark.parametrize("name", ["moondream-server.yaml", "hpa.yaml"])
 def test_valid_against_kubernetes_schemas(name: str, version: str) -> None:

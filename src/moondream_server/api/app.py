@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 import moondream_server
-from moondream_server.api import health, routes_seed, routes_v1
+from moondream_server.api import health, metrics, routes_seed, routes_v1
 from moondream_server.api.errors import install_exception_handlers
 from moondream_server.api.images import configure_pillow
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.api_keys = settings.resolved_api_keys()
     install_exception_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_seed.router)
     # Added last = outermost: paths are normalised before anything else looks at them.
