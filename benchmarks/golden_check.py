@@ -1,12 +1,13 @@
 """Quick golden check (a throwaway, not the test suite): all task outputs on the tiny golden sets.
 
-In float32 without quantisation every output must match (46/46, 46/46, 19/19). With --dtype
-bfloat16 or --quantize it reports the drift instead: how many greedy outputs still match, and
-the max abs difference of the first-step caption logits against the golden float32 logits.
+In float32 every output must match (46/46, 46/46, 19/19), with the default (auto) CPU weights
+and with --cpu-weights float32. With --dtype bfloat16 (or a lossy weight format) it reports the
+drift instead: how many greedy outputs still match, and the max abs difference of the first-step
+caption logits against the golden float32 logits.
 
     .venv/bin/python benchmarks/golden_check.py
     .venv/bin/python benchmarks/golden_check.py --dtype bfloat16
-    .venv/bin/python benchmarks/golden_check.py --quantize int8
+    .venv/bin/python benchmarks/golden_check.py --cpu-weights float32
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ SETS = [
 ]
 
 
-def run(folder: str, sub: str, resampler: str, dtype: str, quantize: str | None) -> bool:
+def run(folder: str, sub: str, resampler: str, dtype: str, cpu_weights: str | None) -> bool:
     kwargs: dict[str, Any] = {"device": "cpu", "dtype": dtype, "resampler": resampler}
-    if quantize:
-        kwargs["quantize"] = quantize
+    if cpu_weights:
+        kwargs["cpu_weights"] = cpu_weights
     m = load(str(ROOT / folder), **kwargs)
     base = ROOT / folder / sub
     expected = json.loads((base / "expected.json").read_text())
@@ -86,9 +87,9 @@ def run(folder: str, sub: str, resampler: str, dtype: str, quantize: str | None)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--quantize", default=None)
+    p.add_argument("--cpu-weights", default=None, help="auto (default), float32 or float16")
     args = p.parse_args()
-    ok = [run(folder, sub, res, args.dtype, args.quantize) for folder, sub, res in SETS]
+    ok = [run(folder, sub, res, args.dtype, args.cpu_weights) for folder, sub, res in SETS]
     raise SystemExit(0 if all(ok) else 1)
 
 

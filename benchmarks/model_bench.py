@@ -81,13 +81,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {
         "src": str(Path(moondream_server.__file__).resolve().parents[1]),
         "dtype": args.dtype,
-        "quantize": args.quantize,
+        "cpu_weights": args.cpu_weights or "auto",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     kwargs: dict[str, Any] = {"device": "cpu", "dtype": args.dtype}
-    if args.quantize:
-        kwargs["quantize"] = args.quantize
+    if args.cpu_weights:
+        kwargs["cpu_weights"] = args.cpu_weights
     t = time.perf_counter()
     m = load(str(args.model), **kwargs)
     res["load_s"] = time.perf_counter() - t
@@ -212,7 +212,9 @@ def main() -> None:
     )
     p.add_argument("--model", type=Path, default=DEFAULT_CACHE, help="full-size checkpoint folder")
     p.add_argument("--src", action="append", help="source tree(s) to import moondream_server from")
-    p.add_argument("--quantize", default="", help="comma list of quantize options ('' = none)")
+    p.add_argument(
+        "--cpu-weights", default="", help="comma list of load(cpu_weights=...) values ('' = default)"
+    )
     p.add_argument("--json", type=Path, help="also write all results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -225,7 +227,7 @@ def main() -> None:
     model = ensure_checkpoint(args.model)
     results: list[dict[str, Any]] = []
     for src in args.src or [None]:
-        for quantize in args.quantize.split(","):
+        for weights in args.cpu_weights.split(","):
             for dtype in args.dtype.split(","):
                 cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--model", str(model)]
                 cmd += ["--threads", str(args.threads), "--tokens", str(args.tokens)]
@@ -233,8 +235,8 @@ def main() -> None:
                 cmd += ["--batch", args.batch]
                 cmd += ["--quick"] if args.quick else []
                 cmd += ["--src", src] if src else []
-                cmd += ["--quantize", quantize] if quantize else []
-                label = f"{dtype}{'+' + quantize if quantize else ''}{' @' + src if src else ''}"
+                cmd += ["--cpu-weights", weights] if weights else []
+                label = f"{dtype}{'/' + weights if weights else ''}{' @' + src if src else ''}"
                 print(f"running {label} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

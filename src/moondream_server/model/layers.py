@@ -17,3 +17,69 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # type: ignore[no-any-return]
+
+
+class Fp16Linear(nn.Module):
+    """Inference-only stand-in for ``nn.Linear`` on the CPU: float16 weights, float32 arithmetic.
+
+    fbgemm's fp16-weight GEMM widens the weights to float32 inside the kernel and accumulates
+    in float32, so the products are those of the float32 layer: where float16 holds the weight
+    (``fp16_lossless``, as for the official bf16 checkpoint) the layer computes what
+    ``nn.Linear`` computes in float32, up to summation order, reading half the bytes. On an
+    AVX2 CPU it is also 2-4x faster than MKL's float32 GEMM for 2-32 rows (batched decode,
+    short prompts), where MKL falls off a cliff, and on par for long prefills.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        y: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(flat, self._packed)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
+
+
+# Float16's subnormal spacing is 2**-24, so round-to-nearest moves a value below its normal range
+# (|v| < 2**-14) by at most 2**-25; values in the normal range must survive unchanged.
+FP16_TOLERANCE = 2.0**-25
+
+
+def fp16_lossless(weight: torch.Tensor) -> bool:
+    """True when float16 holds `weight` exactly, up to the tiniest values' 3e-8 rounding.
+
+    bf16 checkpoints (as the official one) pass: float16 has more mantissa bits than bf16, and
+    their values are far inside its range. The 3e-8 moves of near-zero weights are below float32
+    accumulation noise for these layer widths. Float32 checkpoints fail (23 mantissa bits).
+    """
+    back = weight.to(torch.float16).to(weight.dtype)
+    return bool((back - weight).abs().max() <= FP16_TOLERANCE)
+
+
+def use_fp16_weights(module: nn.Module, *, exact_only: bool = True) -> tuple[int, int]:
+    """Replace the ``nn.Linear`` layers under `module` by ``Fp16Linear`` (CPU only).
+
+    With `exact_only`, a layer whose weight or bias float16 cannot hold (``fp16_lossless``) stays.
+    Returns (layers replaced, layers kept).
+    """
+    replaced = kept = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            if exact_only and not (
+                fp16_lossless(child.weight) and (child.bias is None or fp16_lossless(child.bias))
+            ):
+                kept += 1
+                continue
+            setattr(module, name, Fp16Linear(child))
+            replaced += 1
+        else:
+            r, k = use_fp16_weights(child, exact_only=exact_only)
+            replaced += r
+            kept += k
+    return replaced, kept

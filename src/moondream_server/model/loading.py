@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 
 from moondream_server.model.config import MoondreamConfig
 from moondream_server.model.hub import DEFAULT_MODEL, ModelLoadError, resolve
+from moondream_server.model.layers import use_fp16_weights
 from moondream_server.model.moondream import Moondream
 from moondream_server.model.tiling import Resampler
 from moondream_server.model.weights import build_and_load
@@ -22,6 +23,13 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+CPU_WEIGHTS = ("auto", "float32", "float16")
+
+
+def _has_fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def cpu_has_native_bf16() -> bool:
@@ -61,18 +69,33 @@ def load(
     *,
     tokenizer: str | None = None,
     resampler: Resampler | None = None,
+    cpu_weights: str | None = None,
 ) -> Moondream:
     """Load Moondream2 from a local folder or a Hub repo (default: vikhyatk/moondream2 @ 2025-06-21).
 
     A folder holds ``model.safetensors``, optionally ``config.json`` (config_md2.json shape) and
     ``tokenizer.json``. Device auto = CUDA if present; dtype auto = bf16 on CUDA and on CPUs with
     native bf16, else float32.
+
+    ``cpu_weights`` (float32 on the CPU only) picks how linear weights are held: ``"float32"``
+    (default) keeps plain ``nn.Linear``; ``"auto"`` stores them as float16 wherever that is
+    lossless (``layers.fp16_lossless``; true of bf16 checkpoints such as the official one), which
+    halves the bytes every decode step reads and avoids MKL's slow path for few-row GEMMs, with
+    float32 arithmetic throughout (the weights are then no longer ``nn.Parameter``s); ``"float16"``
+    rounds every weight to float16 (lossy for float32 checkpoints). None reads the environment
+    variable ``MOONDREAM_CPU_WEIGHTS`` (default ``float32``), so a server can opt in without a flag.
     """
     files = resolve(source, revision, tokenizer)
     config = MoondreamConfig.from_json(files.config) if files.config else MoondreamConfig()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if cpu_weights is None:
+        cpu_weights = os.environ.get("MOONDREAM_CPU_WEIGHTS", "float32")
+    if cpu_weights not in CPU_WEIGHTS:
+        raise ValueError(f"unknown cpu_weights {cpu_weights!r}; use one of {', '.join(CPU_WEIGHTS)}")
     net = build_and_load(files.weights, config, dev, dt)
+    if dev.type == "cpu" and dt == torch.float32 and cpu_weights != "float32" and _has_fbgemm():
+        use_fp16_weights(net, exact_only=cpu_weights == "auto")
     try:
         tok = Tokenizer.from_file(str(Path(files.tokenizer)))
     except Exception as e:  # the tokenizers library raises a bare Exception subclass
