@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -66,20 +68,27 @@ def use_fp16_weights(module: nn.Module, *, exact_only: bool = True) -> tuple[int
     """Replace the ``nn.Linear`` layers under `module` by ``Fp16Linear`` (CPU only).
 
     With `exact_only`, a layer whose weight or bias float16 cannot hold (``fp16_lossless``) stays.
-    Returns (layers replaced, layers kept).
+    Returns (layers replaced, layers kept). Layers are packed on a few threads (fbgemm's packing
+    is single-threaded and releases the GIL); that is most of the load-time cost.
     """
-    replaced = kept = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            if exact_only and not (
-                fp16_lossless(child.weight) and (child.bias is None or fp16_lossless(child.bias))
-            ):
-                kept += 1
-                continue
-            setattr(module, name, Fp16Linear(child))
-            replaced += 1
-        else:
-            r, k = use_fp16_weights(child, exact_only=exact_only)
-            replaced += r
-            kept += k
-    return replaced, kept
+    # (parent, name) only: each float32 layer is freed as soon as its packed copy replaces it.
+    targets = [
+        (parent, name)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+
+    def convert(target: tuple[nn.Module, str]) -> bool:
+        parent, name = target
+        linear = getattr(parent, name)
+        if exact_only and not (
+            fp16_lossless(linear.weight) and (linear.bias is None or fp16_lossless(linear.bias))
+        ):
+            return False
+        setattr(parent, name, Fp16Linear(linear))
+        return True
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        replaced = sum(pool.map(convert, targets))
+    return replaced, len(targets) - replaced
