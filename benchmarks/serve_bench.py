@@ -11,6 +11,11 @@ disabled, so every answer has exactly --tokens tokens) and measures through HTTP
   measured memory bandwidth allows for one stream (every decode step reads all text weights);
 * the server's peak RSS.
 
+The servers inherit the environment, so ``MOONDREAM_CPU_WEIGHTS=auto`` benchmarks the float16
+weight storage (the bandwidth bound is computed for it). Decode figures come from the responses'
+``metrics``; the serial engine's decode_time_ms was not trustworthy when this was written (see
+RESULTS.md).
+
     .venv/bin/python benchmarks/serve_bench.py                         # 640x480, 32 tokens
     .venv/bin/python benchmarks/serve_bench.py --size 378x378 --tokens 16 --clients 1,4,8
 
@@ -83,17 +88,23 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def text_weight_bytes(model: Path, dtype: str) -> int:
-    """Bytes of the text decoder's weights in the served dtype: what one decode step reads."""
+def text_weight_bytes(model: Path, dtype: str, cpu_weights: str) -> int:
+    """Bytes of the text decoder's weights as served: what one decode step reads.
+
+    With float16 CPU weights (``MOONDREAM_CPU_WEIGHTS=auto|float16``) the 2-D linear weights take
+    2 bytes each; the embedding table is not read by a decode step and is left out.
+    """
     from safetensors import safe_open
 
     per = 2 if dtype in ("bfloat16", "float16") else 4
+    linear_per = 2 if cpu_weights in ("auto", "float16") and dtype == "float32" else per
     total = 0
     with safe_open(str(model / "model.safetensors"), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118
-            if key.startswith("model.text."):
-                total += int(np.prod(f.get_slice(key).get_shape()))
-    return total * per
+            shape = f.get_slice(key).get_shape()
+            if key.startswith("model.text.") and key != "model.text.wte":
+                total += int(np.prod(shape)) * (linear_per if len(shape) == 2 else per)
+    return total
 
 
 class Server:
@@ -235,7 +246,8 @@ def main() -> None:
     args.model = model
 
     bandwidth = memory_bandwidth_gbs()
-    weight_bytes = text_weight_bytes(model, args.dtype)
+    cpu_weights = os.environ.get("MOONDREAM_CPU_WEIGHTS", "float32")
+    weight_bytes = text_weight_bytes(model, args.dtype, cpu_weights)
     ideal = bandwidth * 1e9 / weight_bytes
     w, h = (int(v) for v in args.size.split("x"))
     results = []
@@ -244,7 +256,8 @@ def main() -> None:
         results.append(bench_engine(args, engine, args.port + i, ImageMaker(w, h)))
 
     print(
-        f"\nserve_bench: {model}, {args.dtype}, {args.size} images, {args.tokens} tokens per answer; "
+        f"\nserve_bench: {model}, {args.dtype} (MOONDREAM_CPU_WEIGHTS={cpu_weights}), {args.size} images, "
+        f"{args.tokens} tokens per answer; "
         f"memory read bandwidth {bandwidth:.1f} GB/s, text weights {weight_bytes / 1e9:.2f} GB "
         f"-> one stream can decode at most {ideal:.2f} tokens/s; load average {os.getloadavg()[0]:.1f}"
     )
