@@ -141,14 +141,16 @@ class TextModel(nn.Module):
             keys, values = s.cache.k[layer], s.cache.v[layer]
             keys[:, start:end] = k[offset : offset + s.length].transpose(0, 1)
             values[:, start:end] = v[offset : offset + s.length].transpose(0, 1)
+            # 4-D (batch of one): CPU SDPA only takes its fused (flash) kernel for 4-D inputs;
+            # 3-D ones fall back to the unfused math path (~20 % of a decode step on a CPU).
             o = F.scaled_dot_product_attention(
-                q[offset : offset + s.length].transpose(0, 1),
-                keys[:, :end],
-                values[:, :end],
+                q[None, offset : offset + s.length].transpose(1, 2),
+                keys[None, :, :end],
+                values[None, :, :end],
                 attn_mask=mask,
                 enable_gqa=nh != nkv,
             )
-            out[offset : offset + s.length] = o.transpose(0, 1)
+            out[offset : offset + s.length] = o[0].transpose(0, 1)
             offset += s.length
         return attn.proj(out.view(t, nh * hd))  # type: ignore[no-any-return]
 
