@@ -246,7 +246,7 @@ def main() -> None:
     args.model = model
 
     bandwidth = memory_bandwidth_gbs()
-    cpu_weights = os.environ.get("MOONDREAM_CPU_WEIGHTS", "float32")
+    cpu_weights = os.environ.get("MOONDREAM_CPU_WEIGHTS", "auto")  # the server default
     weight_bytes = text_weight_bytes(model, args.dtype, cpu_weights)
     ideal = bandwidth * 1e9 / weight_bytes
     w, h = (int(v) for v in args.size.split("x"))

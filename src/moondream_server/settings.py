@@ -47,10 +47,17 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=300.0, gt=0, description="Per-request deadline (queue + generation)."
     )
-    engine: Literal["serial", "batched"] = Field(default="serial", description="Scheduling engine.")
+    engine: Literal["serial", "batched"] = Field(
+        default="batched",
+        description="Scheduling engine: continuous batching + image cache, or one at a time.",
+    )
     max_batch_size: int = Field(default=8, ge=1, description="Largest batch of the batched engine.")
     image_cache_mb: int = Field(
         default=2048, ge=0, description="Image-embedding cache size (batched engine)."
+    )
+    cpu_weights: Literal["auto", "float32", "float16"] = Field(
+        default="auto",
+        description="float32 on CPU: hold linear weights as float16 where lossless (auto), never, or always.",
     )
     threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (None = torch default)."

@@ -61,7 +61,8 @@ def engine_for(settings: Settings, loader: Callable[[], ModelLike]) -> SerialEng
 
 
 def test_queue_full_is_429_with_retry_after(start_server: StartServer, never_stop_checkpoint: Path) -> None:
-    srv = start_server(tiny_settings(model=str(never_stop_checkpoint), max_queue=1))
+    # One running request and one waiting fill the server when one request runs at a time.
+    srv = start_server(tiny_settings(model=str(never_stop_checkpoint), max_queue=1, max_batch_size=1))
     long_body = {
         "image_url": file_data_url(IMG1),
         "stream": True,

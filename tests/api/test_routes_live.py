@@ -62,7 +62,7 @@ def test_health_reports_the_loaded_model(client: httpx.Client) -> None:
         assert body["model"] == str(TINY)
         assert body["device"] == "cpu"
         assert body["dtype"] == "float32"
-        assert body["engine"] == "serial"
+        assert body["engine"] == "batched"  # the default
     for path in ("/health/ready", "/v1/health/ready"):
         r = client.get(path)
         assert r.status_code == 200 and r.json()["ready"] is True

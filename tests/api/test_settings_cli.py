@@ -25,7 +25,7 @@ def test_defaults() -> None:
     s = Settings()
     assert (s.host, s.port) == ("127.0.0.1", 8001)
     assert (s.model, s.revision) == ("vikhyatk/moondream2", "2025-06-21")
-    assert (s.device, s.dtype, s.engine) == ("auto", "auto", "serial")
+    assert (s.device, s.dtype, s.engine, s.cpu_weights) == ("auto", "auto", "batched", "auto")
     assert s.max_body_bytes == 20 * 1024 * 1024
     assert s.max_image_pixels == 50_000_000
     assert (s.max_queue, s.request_timeout_s, s.max_batch_size, s.image_cache_mb) == (64, 300.0, 8, 2048)

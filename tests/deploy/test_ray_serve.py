@@ -34,7 +34,14 @@ TINY = REPO / "tests/fixtures/moondream2-tiny"
 
 def test_settings_map_to_ray_options() -> None:
     settings, scale = split_args(
-        {"model": str(TINY), "device": "cpu", "max_queue": "16", "num_replicas": "3", "num_cpus": "0.5"}
+        {
+            "model": str(TINY),
+            "device": "cpu",
+            "engine": "serial",
+            "max_queue": "16",
+            "num_replicas": "3",
+            "num_cpus": "0.5",
+        }
     )
     options = deployment_options(settings, scale)
     assert options["num_replicas"] == 3

@@ -18,12 +18,28 @@ from tests.model.support import TINY, TOKENIZER
 
 
 def test_loads_our_random_checkpoint_with_exact_weights(random_folder: Path) -> None:
-    model = load(random_folder, device="cpu", dtype=torch.float32)
+    model = load(random_folder, device="cpu", dtype=torch.float32, cpu_weights="float32")
     stored = load_file(str(random_folder / "model.safetensors"))
     assert len(stored) == 72 and all(k.startswith("model.") for k in stored)
     params = dict(model.net.named_parameters())
     for key, tensor in stored.items():
         assert torch.equal(params[key.removeprefix("model.")], tensor.float()), key
+
+
+def test_cpu_float16_weight_storage_is_exact_for_bf16_checkpoints(random_folder: Path) -> None:
+    """The default on CPU float32: linear weights held as float16 (bf16 values fit exactly)."""
+    from moondream_server.model.layers import Fp16Linear
+
+    plain = load(random_folder, device="cpu", dtype=torch.float32, cpu_weights="float32")
+    packed = load(random_folder, device="cpu", dtype=torch.float32)
+    assert isinstance(packed.net.text.blocks[0].mlp.fc1, Fp16Linear)
+    assert isinstance(plain.net.text.blocks[0].mlp.fc1, torch.nn.Linear)
+    x = torch.randn(5, plain.config.text.dim, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        packed.net.text.blocks[0].mlp.fc1(x), plain.net.text.blocks[0].mlp.fc1(x), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="cpu_weights"):
+        load(random_folder, device="cpu", dtype=torch.float32, cpu_weights="int4")
 
 
 def test_bf16_load_keeps_stored_bf16_values(random_folder: Path) -> None:

@@ -29,9 +29,17 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "request_timeout_s",
         {"type": float, "help": "per-request deadline, s (default 300)"},
     ),
-    ("--engine", "engine", {"choices": ["serial", "batched"], "help": "scheduling engine (default serial)"}),
+    ("--engine", "engine", {"choices": ["serial", "batched"], "help": "scheduling engine (default batched)"}),
     ("--max-batch-size", "max_batch_size", {"type": int, "help": "batched engine: largest batch"}),
     ("--image-cache-mb", "image_cache_mb", {"type": int, "help": "batched engine: image cache size"}),
+    (
+        "--cpu-weights",
+        "cpu_weights",
+        {
+            "choices": ["auto", "float32", "float16"],
+            "help": "float32 on CPU: float16 weight storage (default auto)",
+        },
+    ),
     ("--threads", "threads", {"type": int, "help": "torch CPU threads (default: torch's choice)"}),
     ("--log-level", "log_level", {"help": "critical | error | warning | info | debug"}),
 ]

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from PIL import Image
 
@@ -436,12 +436,10 @@ def _reasoning(result: TaskResult) -> Reasoning:
 def create_engine(settings: Settings) -> BatchedEngine:
     """The factory ``engine/loader.py`` calls when ``settings.engine == "batched"``."""
 
-    def load() -> Moondream:
-        from moondream_server.model import load as load_model  # torch is imported here
+    from moondream_server.engine.loader import model_loader
 
-        return load_model(
-            settings.model, revision=settings.revision, device=settings.device, dtype=settings.dtype
-        )
+    def load() -> Moondream:
+        return cast("Moondream", model_loader(settings))  # the same loading as the serial engine's
 
     info = EngineInfo(
         model_id=settings.model, revision=settings.revision, device=settings.device, dtype=settings.dtype

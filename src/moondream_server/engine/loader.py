@@ -21,7 +21,11 @@ def model_loader(settings: Settings) -> ModelLike:
     from moondream_server.model import load  # torch is imported here, not at server import
 
     model: ModelLike = load(
-        settings.model, revision=settings.revision, device=settings.device, dtype=settings.dtype
+        settings.model,
+        revision=settings.revision,
+        device=settings.device,
+        dtype=settings.dtype,
+        cpu_weights=settings.cpu_weights,
     )
     return model
 

@@ -69,7 +69,7 @@ def load(
     *,
     tokenizer: str | None = None,
     resampler: Resampler | None = None,
-    cpu_weights: str | None = None,
+    cpu_weights: str = "auto",
 ) -> Moondream:
     """Load Moondream2 from a local folder or a Hub repo (default: vikhyatk/moondream2 @ 2025-06-21).
 
@@ -78,19 +78,16 @@ def load(
     native bf16, else float32.
 
     ``cpu_weights`` (float32 on the CPU only) picks how linear weights are held: ``"float32"``
-    (default) keeps plain ``nn.Linear``; ``"auto"`` stores them as float16 wherever that is
+    keeps plain ``nn.Linear``; ``"auto"`` (default) stores them as float16 wherever that is
     lossless (``layers.fp16_lossless``; true of bf16 checkpoints such as the official one), which
     halves the bytes every decode step reads and avoids MKL's slow path for few-row GEMMs, with
     float32 arithmetic throughout (the weights are then no longer ``nn.Parameter``s); ``"float16"``
-    rounds every weight to float16 (lossy for float32 checkpoints). None reads the environment
-    variable ``MOONDREAM_CPU_WEIGHTS`` (default ``float32``), so a server can opt in without a flag.
+    rounds every weight to float16 (lossy for float32 checkpoints).
     """
     files = resolve(source, revision, tokenizer)
     config = MoondreamConfig.from_json(files.config) if files.config else MoondreamConfig()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if cpu_weights is None:
-        cpu_weights = os.environ.get("MOONDREAM_CPU_WEIGHTS", "float32")
     if cpu_weights not in CPU_WEIGHTS:
         raise ValueError(f"unknown cpu_weights {cpu_weights!r}; use one of {', '.join(CPU_WEIGHTS)}")
     net = build_and_load(files.weights, config, dev, dt)
