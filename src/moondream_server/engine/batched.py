@@ -51,16 +51,6 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 
 
-def settings_dict(settings: SamplingSettings) -> dict[str, Any]:
-    """The model's ``settings`` argument: only the keys the caller set."""
-    out: dict[str, Any] = {}
-    for key in ("temperature", "top_p", "max_tokens", "max_objects"):
-        value = getattr(settings, key)
-        if value is not None:
-            out[key] = value
-    return out
-
-
 def _ms(seconds: float) -> float:
     return round(max(seconds, 0.0) * 1000.0, 3)
 
@@ -300,7 +290,7 @@ class BatchedEngine:
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
     ) -> TextResult:
         runtime = self._check_ready()
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         req = await self._call(image, lambda: runtime.caption(length, sd, None))
         result = _task_result(req)
         assert result.text is not None
@@ -312,7 +302,7 @@ class BatchedEngine:
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
     ) -> AsyncGenerator[str, None]:
         runtime = self._check_ready()
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         return self._stream(image, lambda on_text: runtime.caption(length, sd, on_text))
 
     async def query(
@@ -325,7 +315,7 @@ class BatchedEngine:
         settings: SamplingSettings,
     ) -> QueryResult:
         runtime = self._check_ready()
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         refs = [list(r) for r in spatial_refs] or None
         req = await self._call(
             image,
@@ -356,7 +346,7 @@ class BatchedEngine:
         settings: SamplingSettings,
     ) -> AsyncGenerator[str, None]:
         runtime = self._check_ready()
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         refs = [list(r) for r in spatial_refs] or None
         return self._stream(
             image,
@@ -372,7 +362,7 @@ class BatchedEngine:
 
     async def detect(self, image: Image.Image, obj: str, settings: SamplingSettings) -> DetectResult:
         runtime = self._check_ready()
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         req = await self._call(image, lambda: runtime.region("detect", obj, sd))
         objects = _task_result(req).objects
         boxes = [
@@ -382,7 +372,7 @@ class BatchedEngine:
 
     async def point(self, image: Image.Image, obj: str, settings: SamplingSettings) -> PointResult:
         runtime = self._check_ready()
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         req = await self._call(image, lambda: runtime.region("point", obj, sd))
         points = [Point(float(p["x"]), float(p["y"])) for p in _task_result(req).objects]
         return PointResult(points=points, metrics=_metrics(req))

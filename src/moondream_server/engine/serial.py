@@ -85,16 +85,6 @@ class ModelLike(Protocol):
 ModelLoader = Callable[[], ModelLike]
 
 
-def settings_dict(settings: SamplingSettings) -> dict[str, Any]:
-    """The model's ``settings`` argument: only the keys the caller set."""
-    out: dict[str, Any] = {}
-    for key in ("temperature", "top_p", "max_tokens", "max_objects"):
-        value = getattr(settings, key)
-        if value is not None:
-            out[key] = value
-    return out
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
@@ -359,7 +349,7 @@ class SerialEngine:
     async def caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
     ) -> TextResult:
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         # Generated through the model's stream mode (whose pieces join to exactly the
         # non-streamed text) so that a passed deadline stops the generation between tokens.
         text, det = await self._call(
@@ -370,7 +360,7 @@ class SerialEngine:
     def stream_caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
     ) -> AsyncIterator[str]:
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         return self._stream(
             lambda m: iter(m.caption(image, length=length, stream=True, settings=sd)["caption"])
         )
@@ -384,7 +374,7 @@ class SerialEngine:
         spatial_refs: Sequence[SpatialRef],
         settings: SamplingSettings,
     ) -> QueryResult:
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         refs = [list(r) for r in spatial_refs] or None
 
         def run(m: ModelLike, job: _Job) -> tuple[str, Any]:
@@ -417,7 +407,7 @@ class SerialEngine:
         spatial_refs: Sequence[SpatialRef],
         settings: SamplingSettings,
     ) -> AsyncIterator[str]:
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         refs = [list(r) for r in spatial_refs] or None
         return self._stream(
             lambda m: iter(
@@ -426,7 +416,7 @@ class SerialEngine:
         )
 
     async def detect(self, image: Image.Image, obj: str, settings: SamplingSettings) -> DetectResult:
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         out, det = await self._call(lambda m, _job: m.detect(image, obj, settings=sd))
         boxes = [
             Box(float(o["x_min"]), float(o["y_min"]), float(o["x_max"]), float(o["y_max"]))
@@ -435,7 +425,7 @@ class SerialEngine:
         return DetectResult(objects=boxes, metrics=_metrics(det))
 
     async def point(self, image: Image.Image, obj: str, settings: SamplingSettings) -> PointResult:
-        sd = settings_dict(settings)
+        sd = settings.as_model_settings()
         out, det = await self._call(lambda m, _job: m.point(image, obj, settings=sd))
         points = [Point(float(p["x"]), float(p["y"])) for p in out["points"]]
         return PointResult(points=points, metrics=_metrics(det))
