@@ -30,7 +30,6 @@ from moondream_server.engine.types import (
     CaptionLength,
     DetectResult,
     EngineInfo,
-    GroundingSpan,
     Metrics,
     Point,
     PointResult,
@@ -408,19 +407,7 @@ def _metrics(req: Request) -> Metrics:
 
 
 def _reasoning(result: TaskResult) -> Reasoning:
-    spans: list[GroundingSpan] = []
-    for g in result.grounding:
-        raw_points: Any = g.get("points", [])
-        start: Any = g["start_idx"]
-        end: Any = g["end_idx"]
-        spans.append(
-            GroundingSpan(
-                start_idx=int(start),
-                end_idx=int(end),
-                points=[(float(p[0]), float(p[1])) for p in raw_points],
-            )
-        )
-    return Reasoning(text=result.reasoning_text or "", grounding=spans)
+    return Reasoning.from_model(result.reasoning_text or "", result.grounding)
 
 
 def create_engine(settings: Settings) -> BatchedEngine:

@@ -41,7 +41,6 @@ from moondream_server.engine.types import (
     CaptionLength,
     DetectResult,
     EngineInfo,
-    GroundingSpan,
     Metrics,
     Point,
     PointResult,
@@ -506,12 +505,4 @@ def _metrics(details: Mapping[str, Any]) -> Metrics:
 def _reasoning(raw: Any) -> Reasoning | None:
     if not isinstance(raw, Mapping):
         return None
-    spans = [
-        GroundingSpan(
-            start_idx=int(g["start_idx"]),
-            end_idx=int(g["end_idx"]),
-            points=[(float(p[0]), float(p[1])) for p in g.get("points", [])],
-        )
-        for g in raw.get("grounding", [])
-    ]
-    return Reasoning(text=str(raw.get("text", "")), grounding=spans)
+    return Reasoning.from_model(str(raw.get("text", "")), raw.get("grounding", []))

@@ -5,8 +5,9 @@ The API layer builds these from HTTP requests and renders them back; it never se
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 CaptionLength = Literal["short", "normal", "long"]
 FinishReason = Literal["stop", "length"]
@@ -50,6 +51,19 @@ class GroundingSpan:
 class Reasoning:
     text: str
     grounding: list[GroundingSpan]
+
+    @classmethod
+    def from_model(cls, text: str, grounding: Iterable[Mapping[str, Any]]) -> Reasoning:
+        """From the model's reasoning dict fields (``start_idx``, ``end_idx``, ``points``)."""
+        spans = [
+            GroundingSpan(
+                start_idx=int(g["start_idx"]),
+                end_idx=int(g["end_idx"]),
+                points=[(float(p[0]), float(p[1])) for p in g.get("points", [])],
+            )
+            for g in grounding
+        ]
+        return cls(text=text, grounding=spans)
 
 
 @dataclass
