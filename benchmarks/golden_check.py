@@ -8,6 +8,7 @@ caption logits against the golden float32 logits.
     .venv/bin/python benchmarks/golden_check.py
     .venv/bin/python benchmarks/golden_check.py --dtype bfloat16
     .venv/bin/python benchmarks/golden_check.py --cpu-weights float32
+    python3 benchmarks/golden_check.py --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ SETS = [
 ]
 
 
-def run(folder: str, sub: str, resampler: str, dtype: str, cpu_weights: str | None) -> bool:
-    kwargs: dict[str, Any] = {"device": "cpu", "dtype": dtype, "resampler": resampler}
+def run(folder: str, sub: str, resampler: str, dtype: str, cpu_weights: str | None, device: str) -> bool:
+    kwargs: dict[str, Any] = {"device": device, "dtype": dtype, "resampler": resampler}
     if cpu_weights:
         kwargs["cpu_weights"] = cpu_weights
     m = load(str(ROOT / folder), **kwargs)
@@ -52,7 +53,7 @@ def run(folder: str, sub: str, resampler: str, dtype: str, cpu_weights: str | No
             ids = list(m.config.tokenizer.templates["caption"]["normal"])
             cache, prefix = m.start_cache(enc)
             logits = m.step(m.ctx.embed(ids), SeqSlice(cache, len(ids), prefix=prefix)).logits
-            logit_diff = max(logit_diff, (logits.float() - golden[key]).abs().max().item())
+            logit_diff = max(logit_diff, (logits.float().cpu() - golden[key]).abs().max().item())
         t = im["tasks"]
         got = {
             "caption_short": m.caption(enc, "short", settings=s),
@@ -88,8 +89,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cpu-weights", default=None, help="auto (default), float32 or float16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-vips", action="store_true", help="skip the libvips set (no pyvips installed)")
     args = p.parse_args()
-    ok = [run(folder, sub, res, args.dtype, args.cpu_weights) for folder, sub, res in SETS]
+    sets = [s for s in SETS if not (args.no_vips and s[2] == "vips")]
+    ok = [run(folder, sub, res, args.dtype, args.cpu_weights, args.device) for folder, sub, res in sets]
     raise SystemExit(0 if all(ok) else 1)
 
 

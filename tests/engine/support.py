@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,8 +18,12 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 TINY = FIXTURES / "moondream2-tiny"
 
 
+# CI runs on the CPU; MOONDREAM_TEST_DEVICE=cuda runs these tests on a GPU by hand.
+DEVICE = os.environ.get("MOONDREAM_TEST_DEVICE", "cpu")
+
+
 def load_tiny(path: Path = TINY) -> Moondream:
-    return load(str(path), device="cpu", dtype=torch.float32)
+    return load(str(path), device=DEVICE, dtype=torch.float32)
 
 
 T = TypeVar("T")
@@ -27,7 +32,7 @@ T = TypeVar("T")
 def make_engine(path: Path = TINY, **kw: Any) -> BatchedEngine:
     kw.setdefault("warmup", False)
     kw.setdefault("max_batch_size", 8)
-    return BatchedEngine(lambda: load_tiny(path), info=EngineInfo("tiny", None, "cpu", "float32"), **kw)
+    return BatchedEngine(lambda: load_tiny(path), info=EngineInfo("tiny", None, DEVICE, "float32"), **kw)
 
 
 def with_engine(engine: BatchedEngine, body: Callable[[BatchedEngine], Awaitable[T]]) -> T:

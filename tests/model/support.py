@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,9 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 TINY = FIXTURES / "moondream2-tiny"
 TINY_MH = FIXTURES / "moondream2-tiny-mh"
 TOKENIZER = TINY / "tokenizer.json"
+
+# The golden tests run on the CPU in CI; MOONDREAM_TEST_DEVICE=cuda runs them on a GPU by hand.
+TEST_DEVICE = os.environ.get("MOONDREAM_TEST_DEVICE", "cpu")
 
 
 def golden(folder: Path, sub: str = "") -> dict[str, Any]:

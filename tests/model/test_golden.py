@@ -21,7 +21,7 @@ from moondream_server.model import EncodedImage, Moondream, load
 from moondream_server.model.decoding import caption_program
 from moondream_server.model.sampling import TextSettings
 from moondream_server.model.text import SeqSlice
-from tests.model.support import TINY, TINY_MH, golden
+from tests.model.support import TEST_DEVICE, TINY, TINY_MH, golden
 
 SETS = [(TINY, "", "pil"), (TINY, "vips", "vips"), (TINY_MH, "", "pil")]
 SET_IDS = ["tiny-pil", "tiny-vips", "tiny-mh"]
@@ -34,8 +34,8 @@ class GoldenRun:
     def __init__(self, folder: Path, sub: str, resampler: str) -> None:
         self.folder = folder
         self.expected = golden(folder, sub)
-        self.tensors = load_file(str(folder / sub / "expected.safetensors"))
-        self.model: Moondream = load(folder, device="cpu", dtype=torch.float32, resampler=resampler)  # type: ignore[arg-type]
+        self.tensors = load_file(str(folder / sub / "expected.safetensors"), device=TEST_DEVICE)
+        self.model: Moondream = load(folder, device=TEST_DEVICE, dtype=torch.float32, resampler=resampler)  # type: ignore[arg-type]
         self._encoded: dict[str, EncodedImage] = {}
 
     def image(self, name: str) -> Image.Image:
