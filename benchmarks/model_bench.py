@@ -52,13 +52,23 @@ def ensure_checkpoint(folder: Path) -> Path:
 
 
 # -- worker: one configuration -----------------------------------------------------------------
+def _sync() -> None:
+    """Wait for queued GPU work, so that wall time covers it (no-op on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
     """Median wall time of `reps` calls, and the last result."""
     times = []
     out = None
     for _ in range(reps):
+        _sync()
         t = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
 
@@ -84,8 +94,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_weights": args.cpu_weights or "auto",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "device": args.device,
     }
-    kwargs: dict[str, Any] = {"device": "cpu", "dtype": args.dtype}
+    kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     if args.cpu_weights:
         kwargs["cpu_weights"] = args.cpu_weights
     t = time.perf_counter()
@@ -123,12 +134,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     def prefill_and_decode() -> tuple[float, float]:
         cache, prefix = m.start_cache(enc)
         x = m.ctx.embed(ids)
+        _sync()
         t0 = time.perf_counter()
         out = m.step(x, SeqSlice(cache, x.shape[0], prefix=prefix))
+        _sync()
         t1 = time.perf_counter()
         for _ in range(args.tokens):
             token = int(torch.argmax(out.logits).item())
             out = m.step(m.ctx.embed([token]), SeqSlice(cache, 1, prefix=prefix))
+        _sync()
         return t1 - t0, time.perf_counter() - t1
 
     if "decode" in sections:
@@ -139,24 +153,32 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         res["decode_s_per_token"] = decode_s / args.tokens
         res["decode_tokens_per_s"] = args.tokens / decode_s
 
-    for b in [int(v) for v in args.batch.split(",") if v]:
-        # Batched decode as the engine runs it: b sequences, one new token each, one packed pass.
+    batches = [(int(v), False) for v in args.batch.split(",") if v]
+    if args.kv_pool:
+        batches += [(b, True) for b, _ in batches if b > 1]
+    for b, pooled in batches:
+        # Batched decode as the engine runs it: b sequences, one new token each, one packed pass
+        # (with the KV pool: the decode attention of all b in one call, as the engine does on a GPU).
+        pool = m.net.text.new_pool(b) if pooled else None
+        name = f"batch{b}{'_pooled' if pooled else ''}"
         seqs = []
         for _ in range(b):
-            cache, prefix = m.start_cache(enc)
+            cache, prefix = m.start_cache(enc, pool=pool)
             m.step(m.ctx.embed(ids), SeqSlice(cache, len(ids), prefix=prefix))
             seqs.append((cache, prefix))
         steps = max(4, args.tokens // 4)
         with torch.inference_mode():
+            _sync()
             t0 = time.perf_counter()
-            tokens = torch.zeros(b, dtype=torch.long)
+            tokens = torch.zeros(b, dtype=torch.long, device=args.device)
             for _ in range(steps):
                 hidden = m.net.text(m.net.text.embed(tokens), [SeqSlice(c, 1, prefix=p) for c, p in seqs])
                 tokens = torch.argmax(m.net.text.logits(hidden).float(), dim=-1)
+            _sync()
             dt = time.perf_counter() - t0
-        res[f"batch{b}_decode_tokens_per_s"] = b * steps / dt
-        res[f"batch{b}_decode_s_per_step"] = dt / steps
-        del seqs
+        res[f"{name}_decode_tokens_per_s"] = b * steps / dt
+        res[f"{name}_decode_s_per_step"] = dt / steps
+        del seqs, pool
 
     if "detect" in sections:
         det_s, det = _timed(lambda: m.detect(enc, "cat", settings={"max_objects": 4}), reps)
@@ -169,6 +191,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         res["caption_tokens"] = args.tokens
         res["caption_chars"] = len(cap["caption"])
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return res
 
 
@@ -190,22 +214,26 @@ def table_rows(images: list[str], batches: str) -> list[tuple[str, str]]:
         rows += [
             (f"batch{b}_decode_s_per_step", f"decode B={b} (s/step)"),
             (f"batch{b}_decode_tokens_per_s", f"decode B={b} (tokens/s)"),
+            (f"batch{b}_pooled_decode_s_per_step", f"decode B={b}, KV pool (s/step)"),
+            (f"batch{b}_pooled_decode_tokens_per_s", f"decode B={b}, KV pool (tokens/s)"),
         ]
     rows += [
         ("detect_s_4_objects", "detect, 4 objects (s)"),
     ]
     rows += [(f"caption_s_{n}", f"caption {n} total (s)") for n in images]
-    return [*rows, ("peak_rss_mb", "peak RSS (MiB)")]
+    return [*rows, ("peak_rss_mb", "peak RSS (MiB)"), ("peak_gpu_mb", "peak GPU memory (MiB)")]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="float32,bfloat16", help="comma list (float32, bfloat16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per caption")
     p.add_argument("--reps", type=int, default=2, help="repetitions per figure (median)")
     p.add_argument("--quick", action="store_true", help="one repetition, no warm-up")
     p.add_argument("--batch", default="8", help="batched-decode sizes to time (comma list, '' = none)")
+    p.add_argument("--kv-pool", action="store_true", help="also time batched decode with a KV pool")
     p.add_argument("--images", default="378x378,640x480", help="comma list of WxH test images")
     p.add_argument(
         "--sections", default="decode,detect,caption", help="besides encode: decode, detect, caption"
@@ -230,9 +258,9 @@ def main() -> None:
         for weights in args.cpu_weights.split(","):
             for dtype in args.dtype.split(","):
                 cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--model", str(model)]
-                cmd += ["--threads", str(args.threads), "--tokens", str(args.tokens)]
+                cmd += ["--threads", str(args.threads), "--tokens", str(args.tokens), "--device", args.device]
                 cmd += ["--reps", str(args.reps), "--images", args.images, "--sections", args.sections]
-                cmd += ["--batch", args.batch]
+                cmd += ["--batch", args.batch] + (["--kv-pool"] if args.kv_pool else [])
                 cmd += ["--quick"] if args.quick else []
                 cmd += ["--src", src] if src else []
                 cmd += ["--cpu-weights", weights] if weights else []
@@ -250,7 +278,7 @@ def main() -> None:
     first = results[0]
     crops = ", ".join(f"{n} -> {first[f'crops_{n}']} crops" for n in args.images.split(","))
     print(
-        f"\nMoondream2 {args.model}, torch {first['torch']}, threads {first['threads']}, "
+        f"\nMoondream2 {args.model}, torch {first['torch']} on {args.device}, threads {first['threads']}, "
         f"{args.tokens} tokens; {crops}; load average now {os.getloadavg()[0]:.1f}"
     )
     width = max(len(r["label"]) for r in results) + 2

@@ -18,6 +18,7 @@ RESULTS.md).
 
     .venv/bin/python benchmarks/serve_bench.py                         # 640x480, 32 tokens
     .venv/bin/python benchmarks/serve_bench.py --size 378x378 --tokens 16 --clients 1,4,8
+    python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16       # on a GPU
 
 Prints figures; it is not a test. Images are fresh (never seen) wherever a figure says so, so the
 batched engine's image cache only helps where a mix repeats images.
@@ -72,14 +73,20 @@ class ImageMaker:
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def memory_bandwidth_gbs() -> float:
-    """Read bandwidth of this machine: sum over a 1 GiB float32 array (best of 5)."""
+def memory_bandwidth_gbs(device: str) -> float:
+    """Read bandwidth of the device that decodes: sum over a 1 GiB float32 array (best of 5)."""
     import torch
 
-    x = torch.ones(2**28)
-    x.sum()
-    best = min(_time(lambda: x.sum()) for _ in range(5))
-    return x.numel() * 4 / best / 1e9
+    x = torch.ones(2**28, device=device)
+
+    def total() -> None:
+        x.sum()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    total()
+    best = min(_time(total) for _ in range(5))
+    return 2**28 * 4 / best / 1e9
 
 
 def _time(fn: Callable[[], Any]) -> float:
@@ -88,7 +95,7 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def text_weight_bytes(model: Path, dtype: str, cpu_weights: str) -> int:
+def text_weight_bytes(model: Path, dtype: str, cpu_weights: str, device: str) -> int:
     """Bytes of the text decoder's weights as served: what one decode step reads.
 
     With float16 CPU weights (``MOONDREAM_CPU_WEIGHTS=auto|float16``) the 2-D linear weights take
@@ -97,7 +104,8 @@ def text_weight_bytes(model: Path, dtype: str, cpu_weights: str) -> int:
     from safetensors import safe_open
 
     per = 2 if dtype in ("bfloat16", "float16") else 4
-    linear_per = 2 if cpu_weights in ("auto", "float16") and dtype == "float32" else per
+    fp16_storage = device == "cpu" and cpu_weights in ("auto", "float16") and dtype == "float32"
+    linear_per = 2 if fp16_storage else per
     total = 0
     with safe_open(str(model / "model.safetensors"), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118
@@ -109,10 +117,15 @@ def text_weight_bytes(model: Path, dtype: str, cpu_weights: str) -> int:
 
 class Server:
     def __init__(self, args: argparse.Namespace, engine: str, port: int) -> None:
-        env = dict(os.environ, MOONDREAM_ENGINE=engine)
+        # "batched-nopool" / "batched-pool": the batched engine with the KV pool forced off / on
+        kind, _, pool = engine.partition("-")
+        env = dict(os.environ, MOONDREAM_ENGINE=kind)
+        if pool:
+            env["MOONDREAM_KV_POOL"] = "off" if pool == "nopool" else "on"
         cmd = [sys.executable, "-m", "moondream_server.api.cli", "--model", str(args.model)]
-        cmd += ["--port", str(port), "--engine", engine, "--device", "cpu", "--dtype", args.dtype]
+        cmd += ["--port", str(port), "--engine", kind, "--device", args.device, "--dtype", args.dtype]
         cmd += ["--log-level", "warning", "--request-timeout", "3600", "--max-queue", "256"]
+        cmd += ["--max-batch-size", str(args.max_batch_size)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
         self.proc = subprocess.Popen(cmd, env=env)
         self.url = f"http://127.0.0.1:{port}"
@@ -215,14 +228,15 @@ def bench_engine(args: argparse.Namespace, engine: str, port: int, make: ImageMa
             print(f"  {engine}: {n} concurrent clients ...", file=sys.stderr, flush=True)
             res[f"clients{n}"] = run_clients(n, captions)
 
-        pair = [make(), make()]
+        if not args.no_mix_b:
+            pair = [make(), make()]
 
-        def questions(i: int) -> list[tuple[float, dict[str, Any]]]:
-            body = {"image_url": pair[i % 2], "settings": settings}
-            return [post(server, "/v1/query", {**body, "question": q}) for q in QUESTIONS]
+            def questions(i: int) -> list[tuple[float, dict[str, Any]]]:
+                body = {"image_url": pair[i % 2], "settings": settings}
+                return [post(server, "/v1/query", {**body, "question": q}) for q in QUESTIONS]
 
-        print(f"  {engine}: 8 clients x 4 questions about 2 images ...", file=sys.stderr, flush=True)
-        res["mix_b"] = run_clients(8, questions)
+            print(f"  {engine}: 8 clients x 4 questions about 2 images ...", file=sys.stderr, flush=True)
+            res["mix_b"] = run_clients(8, questions)
         res["peak_rss_mb"] = server.peak_rss_mb()
     finally:
         server.stop()
@@ -235,19 +249,24 @@ def main() -> None:
     p.add_argument("--size", default="640x480", help="WxH of the test images")
     p.add_argument("--tokens", type=int, default=32, help="tokens per answer (fixed: no end-of-text)")
     p.add_argument("--clients", default="1,4,8", help="concurrency levels (comma list)")
-    p.add_argument("--engines", default="serial,batched")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--engines", default="serial,batched", help="serial, batched, batched-pool, batched-nopool"
+    )
+    p.add_argument("--max-batch-size", type=int, default=8, help="the batched engine's largest batch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="float32 (CPU) or bfloat16 (GPU)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--port", type=int, default=8931)
+    p.add_argument("--no-mix-b", action="store_true", help="skip traffic mix B (repeated images)")
     p.add_argument("--json", type=Path, help="also write all results here")
     args = p.parse_args()
-    args.clients = [int(c) for c in args.clients.split(",")]
+    args.clients = [int(c) for c in args.clients.split(",") if c]
     model = ensure_checkpoint(args.model)
     args.model = model
 
-    bandwidth = memory_bandwidth_gbs()
+    bandwidth = memory_bandwidth_gbs(args.device)
     cpu_weights = os.environ.get("MOONDREAM_CPU_WEIGHTS", "auto")  # the server default
-    weight_bytes = text_weight_bytes(model, args.dtype, cpu_weights)
+    weight_bytes = text_weight_bytes(model, args.dtype, cpu_weights, args.device)
     ideal = bandwidth * 1e9 / weight_bytes
     w, h = (int(v) for v in args.size.split("x"))
     results = []
@@ -256,7 +275,8 @@ def main() -> None:
         results.append(bench_engine(args, engine, args.port + i, ImageMaker(w, h)))
 
     print(
-        f"\nserve_bench: {model}, {args.dtype} (MOONDREAM_CPU_WEIGHTS={cpu_weights}), {args.size} images, "
+        f"\nserve_bench: {model}, {args.device} {args.dtype} (MOONDREAM_CPU_WEIGHTS={cpu_weights}), "
+        f"{args.size} images, "
         f"{args.tokens} tokens per answer; "
         f"memory read bandwidth {bandwidth:.1f} GB/s, text weights {weight_bytes / 1e9:.2f} GB "
         f"-> one stream can decode at most {ideal:.2f} tokens/s; load average {os.getloadavg()[0]:.1f}"
@@ -279,28 +299,27 @@ def main() -> None:
             ("  mean latency (s)", (f"clients{n}", "latency_mean_s")),
             ("  decode tokens/s per request", (f"clients{n}", "per_request_decode_tokens_per_s")),
         ]
-    rows += [
-        ("mix B (8 clients x 4 q, 2 images): req/s", ("mix_b", "requests_per_s")),
-        ("  tokens/s (aggregate)", ("mix_b", "tokens_per_s")),
-        ("  mean latency (s)", ("mix_b", "latency_mean_s")),
-        ("  wall (s)", ("mix_b", "wall_s")),
-        ("peak RSS of the server (MiB)", ("peak_rss_mb",)),
-    ]
+    if not args.no_mix_b:
+        rows += [
+            ("mix B (8 clients x 4 q, 2 images): req/s", ("mix_b", "requests_per_s")),
+            ("  tokens/s (aggregate)", ("mix_b", "tokens_per_s")),
+            ("  mean latency (s)", ("mix_b", "latency_mean_s")),
+            ("  wall (s)", ("mix_b", "wall_s")),
+        ]
+    rows += [("peak RSS of the server (MiB)", ("peak_rss_mb",))]
 
     def get(r: dict[str, Any], path: tuple[str, ...]) -> float:
         for key in path:
             r = r[key]
         return float(r)  # type: ignore[arg-type]
 
-    header = f"{'':44s}" + "".join(f"{r['engine']:>12s}" for r in results)
-    if len(results) == 2:
-        header += f"{results[1]['engine'] + '/' + results[0]['engine']:>20s}"
+    header = f"{'':44s}" + "".join(f"{r['engine']:>16s}" for r in results)
+    header += "".join(f"{r['engine'] + '/' + results[0]['engine']:>24s}" for r in results[1:])
     print(header)
     for title, path in rows:
         vals = [get(r, path) for r in results]
-        line = f"{title:44s}" + "".join(f"{v:>12.3f}" for v in vals)
-        if len(vals) == 2 and vals[0]:
-            line += f"{vals[1] / vals[0]:>20.2f}"
+        line = f"{title:44s}" + "".join(f"{v:>16.3f}" for v in vals)
+        line += "".join(f"{v / vals[0]:>24.2f}" if vals[0] else f"{'-':>24s}" for v in vals[1:])
         print(line)
     if args.json:
         args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "results": results}, indent=1))

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     image_cache_mb: int = Field(
         default=2048, ge=0, description="Image-embedding cache size (batched engine)."
     )
+    kv_pool: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "Batched engine: full-context KV caches for max_batch_size sequences in one pool, so "
+            "their decode steps attend in one call (auto: on a GPU only)."
+        ),
+    )
     cpu_weights: Literal["auto", "float32", "float16"] = Field(
         default="auto",
         description="float32 on CPU: hold linear weights as float16 where lossless (auto), never, or always.",

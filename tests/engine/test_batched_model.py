@@ -23,6 +23,7 @@ from moondream_server.engine.runtime import ModelRuntime
 from moondream_server.engine.scheduler import Request, Scheduler
 from moondream_server.engine.types import QueryResult, SamplingSettings
 from moondream_server.model import Moondream
+from moondream_server.model import text as text_module
 from tests.engine.support import collect, load_tiny, make_engine, with_engine
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
@@ -37,8 +38,9 @@ def boxes(objects: list[dict[str, float]]) -> list[tuple[float, ...]]:
     return [(o["x_min"], o["y_min"], o["x_max"], o["y_max"]) for o in objects]
 
 
+@pytest.mark.parametrize("kv_pool", [False, True], ids=["private-caches", "kv-pool"])
 def test_mixed_concurrent_traffic_equals_one_at_a_time(
-    reference_model: Moondream, images: list[Image.Image]
+    reference_model: Moondream, images: list[Image.Image], kv_pool: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     m = reference_model
     refs_pt = [[0.25, 0.5]]
@@ -83,9 +85,23 @@ def test_mixed_concurrent_traffic_equals_one_at_a_time(
         calls.append(e.caption(images[0], "long", SamplingSettings(temperature=1.0, top_p=0.9, max_tokens=5)))
         return await asyncio.gather(*calls)
 
-    engine = make_engine()
+    pooled_calls: list[int] = []
+    attend = text_module._PooledDecode.attend
+
+    def spy(self: Any, *args: Any) -> None:
+        pooled_calls.append(len(self.members))
+        attend(self, *args)
+
+    monkeypatch.setattr(text_module._PooledDecode, "attend", spy)
+    engine = make_engine(kv_pool=kv_pool)
     got = with_engine(engine, body)
+    # with the pool, decode steps of several sequences really attended together
+    assert (max(pooled_calls, default=0) > 1) == kv_pool
     assert engine.runtime is not None and engine.scheduler is not None
+    pool = engine.runtime.kv_pool
+    assert (pool is not None) == kv_pool
+    if pool is not None:  # every slot went back when its request finished
+        assert pool.free_slots == pool.n_slots
     sampled = got.pop()
     assert sampled.metrics.output_tokens <= 5 and sampled.finish_reason in ("stop", "length")
     for i, (exp, res) in enumerate(zip(expected, got, strict=True)):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from moondream_server.model import Moondream
-from moondream_server.model.kv_cache import KVCache
+from moondream_server.model import text as text_module
+from moondream_server.model.kv_cache import KVCache, KVPool
 from moondream_server.model.text import SeqSlice
 
 
@@ -69,3 +72,49 @@ def test_cache_refuses_to_outgrow_the_context() -> None:
         assert "context" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_pooled_decode_steps_equal_private_caches(random_model: Moondream, monkeypatch: Any) -> None:
+    """Decode steps of pooled sequences attend in one call; results equal the per-sequence path.
+
+    Three sequences of different lengths (one with an image-style prefix) decode three steps
+    together, while a fourth sequence prefills in the same packed calls.
+    """
+    text = random_model.net.text
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(n, text.config.dim, generator=gen) for n in (9, 4, 2)]
+    prefixes = [6, 0, 0]
+    late = torch.randn(5, text.config.dim, generator=gen)  # prefilled alongside the decodes
+    steps = [torch.randn(3, text.config.dim, generator=gen) for _ in range(3)]
+    calls = []
+    attend = text_module._PooledDecode.attend
+
+    def spy(self: Any, *args: Any) -> None:
+        calls.append(len(self.members))
+        attend(self, *args)
+
+    monkeypatch.setattr(text_module._PooledDecode, "attend", spy)
+
+    def run(pool: KVPool | None) -> list[torch.Tensor]:
+        caches = [text.new_cache(pool=pool) for _ in prompts]
+        text(
+            torch.cat(prompts),
+            [SeqSlice(c, p.shape[0], prefix=x) for c, p, x in zip(caches, prompts, prefixes, strict=True)],
+        )
+        other = text.new_cache()
+        outs = []
+        for i, step in enumerate(steps):
+            seqs = [SeqSlice(c, 1, prefix=x) for c, x in zip(caches, prefixes, strict=True)]
+            if i == 0:
+                outs.append(text(torch.cat([step, late]), [*seqs, SeqSlice(other, 5)]))
+            else:
+                outs.append(text(step, seqs))
+        return outs
+
+    private = run(None)
+    assert calls == []
+    pool = text.new_pool(4)
+    pooled = run(pool)
+    assert calls == [3] * (3 * text.config.n_layers)  # every decode step of every layer, batched
+    for a, b in zip(private, pooled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,11 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-batch-size", "max_batch_size", {"type": int, "help": "batched engine: largest batch"}),
     ("--image-cache-mb", "image_cache_mb", {"type": int, "help": "batched engine: image cache size"}),
     (
+        "--kv-pool",
+        "kv_pool",
+        {"choices": ["auto", "on", "off"], "help": "batched engine: pooled KV caches (default: GPU only)"},
+    ),
+    (
         "--cpu-weights",
         "cpu_weights",
         {

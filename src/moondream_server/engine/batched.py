@@ -70,8 +70,11 @@ class BatchedEngine:
         max_step_tokens: int | None = None,
         max_images_per_step: int = 4,
         max_vision_crops: int | None = None,
+        kv_pool: bool | None = None,
         warmup: bool = True,
     ) -> None:
+        """``kv_pool``: hold the caches of ``max_batch_size`` sequences in one pool so that their
+        decode steps attend in one call (None: on a GPU only, where it pays for its memory)."""
         self._loader = loader
         self._info = info
         self._max_queue = max_queue
@@ -82,6 +85,7 @@ class BatchedEngine:
         self._max_step_tokens = max_step_tokens
         self._max_images_per_step = max_images_per_step
         self._max_vision_crops = max_vision_crops
+        self._kv_pool = kv_pool
         self._warmup = warmup
         self._ready = False
         self._stopping = False
@@ -147,7 +151,10 @@ class BatchedEngine:
             # little there (the matrices are already large enough), so steps stay smaller.
             step_tokens = self._max_step_tokens or (4096 if gpu else 1024)
             vision_crops = self._max_vision_crops or (32 if gpu else 4)
-            self.runtime = ModelRuntime(model, max_vision_crops=vision_crops)
+            pool = gpu if self._kv_pool is None else self._kv_pool
+            self.runtime = ModelRuntime(
+                model, max_vision_crops=vision_crops, kv_pool_slots=self._max_batch_size if pool else 0
+            )
             if self._cache_bytes > 0:
                 self.image_cache = ImageCache(self._cache_bytes, self.runtime.image_nbytes)
             self.scheduler = Scheduler(
@@ -429,6 +436,7 @@ def create_engine(settings: Settings) -> BatchedEngine:
         max_batch_size=settings.max_batch_size,
         image_cache_mb=settings.image_cache_mb,
         threads=settings.threads,
+        kv_pool=None if settings.kv_pool == "auto" else settings.kv_pool == "on",
     )
 
 

@@ -27,7 +27,7 @@ from moondream_server.model.decoding import (
     query_program,
     region_program,
 )
-from moondream_server.model.kv_cache import KVCache
+from moondream_server.model.kv_cache import KVCache, KVPool
 from moondream_server.model.moondream import EncodedImage, Moondream, validate_spatial_refs
 from moondream_server.model.sampling import TextSettings
 from moondream_server.model.text import SeqSlice
@@ -115,11 +115,14 @@ def _text_settings(settings: dict[str, Any] | None) -> TextSettings:
 class ModelRuntime:
     """``Runtime`` over a loaded ``Moondream``; also builds the task programs the engine submits."""
 
-    def __init__(self, model: Moondream, *, max_vision_crops: int = 16) -> None:
+    def __init__(self, model: Moondream, *, max_vision_crops: int = 16, kv_pool_slots: int = 0) -> None:
+        """``kv_pool_slots`` > 0 keeps that many sequences' caches in one pool, so their decode
+        steps attend in one call (worth its memory on a GPU; see ``KVPool``)."""
         self.model = model
         self.text = model.net.text
         self.vision = model.net.vision
         self.max_vision_crops = max_vision_crops
+        self.kv_pool: KVPool | None = self.text.new_pool(kv_pool_slots) if kv_pool_slots > 0 else None
         self.model_key = f"{model.model_id}@{model.revision or ''}"
         # counters, read by tests and logs
         self.vision_calls = 0
@@ -165,7 +168,8 @@ class ModelRuntime:
         return torch.cat([bos, embedding])
 
     def new_image_sequence(self) -> ModelSeq:
-        return ModelSeq(self.text.new_cache(capacity=self.prefix_len + 64), self.prefix_len)
+        cache = self.text.new_cache(capacity=self.prefix_len + 64, pool=self.kv_pool)
+        return ModelSeq(cache, self.prefix_len)
 
     def snapshot_image(self, seq: Any) -> EncodedImage:
         assert isinstance(seq, ModelSeq)
@@ -177,7 +181,7 @@ class ModelRuntime:
         return encoded.nbytes
 
     def new_sequence(self, encoded: Any | None) -> ModelSeq:
-        cache, prefix = self.model.start_cache(encoded)
+        cache, prefix = self.model.start_cache(encoded, pool=self.kv_pool)
         return ModelSeq(cache, prefix)
 
     def room(self, seq: Any) -> tuple[int, int]:

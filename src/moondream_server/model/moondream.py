@@ -27,7 +27,7 @@ from moondream_server.model.decoding import (
     query_program,
     region_program,
 )
-from moondream_server.model.kv_cache import KVCache
+from moondream_server.model.kv_cache import KVCache, KVPool
 from moondream_server.model.net import MoondreamNet
 from moondream_server.model.sampling import TextSettings
 from moondream_server.model.text import SeqSlice
@@ -127,11 +127,12 @@ class Moondream:
         return self.prefill_image(self.embed_image(image))
 
     # -- driving programs -------------------------------------------------------------------
-    def start_cache(self, image: EncodedImage | None) -> tuple[KVCache, int]:
+    def start_cache(self, image: EncodedImage | None, pool: KVPool | None = None) -> tuple[KVCache, int]:
         """A fresh sequence cache holding the image prefix (or empty), and its bidirectional prefix."""
         if image is None:
-            return self.net.text.new_cache(capacity=64), 0
-        cache = KVCache.from_prefix(image.k, image.v, self.config.text.max_context, extra_capacity=64)
+            return self.net.text.new_cache(capacity=64, pool=pool), 0
+        max_context = self.config.text.max_context
+        cache = KVCache.from_prefix(image.k, image.v, max_context, extra_capacity=64, pool=pool)
         return cache, image.pos
 
     @torch.inference_mode()
