@@ -279,8 +279,9 @@ class SerialEngine:
             else:
                 self.stats["completed"] += 1
                 details = _details(model, time.perf_counter() - t0)
-                if job.first_piece_at is not None:
-                    details["ttft_secs"] = job.first_piece_at - t0
+                first = getattr(model, "last_first_output_at", None) or job.first_piece_at
+                if first is not None:
+                    details["ttft_secs"] = first - t0
                 send(True, (result, details))
 
         job = _Job(run=run, deadline=time.monotonic() + self._timeout)
@@ -489,8 +490,8 @@ def _finish(details: Mapping[str, Any]) -> Any:
 def _metrics(details: Mapping[str, Any]) -> Metrics:
     """Token counts from the model; times measured on the worker around the call.
 
-    ttft is the time to the first text piece (the detokeniser releases whole words), decode
-    time the rest of the call; calls without text pieces count as decode time only.
+    ttft is the time to the first generated token (the model records when its prompt prefill
+    ended; else the first text piece), decode time the rest of the call.
     """
     total = float(details.get("secs", 0.0))
     ttft = float(details.get("ttft_secs", 0.0))

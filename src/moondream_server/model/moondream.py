@@ -7,6 +7,7 @@ requests through the same programs (``decoding.py``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -63,6 +64,8 @@ class Moondream:
         # What the last finished call produced (token counts, finish reason), for callers that
         # use the dict-returning public API but also want usage figures.
         self.last_result = TaskResult()
+        # perf_counter() when the last run's prompt prefill produced its first output (ttft)
+        self.last_first_output_at: float | None = None
         self.tokenizer = tokenizer
         self.config = config
         self.model_id = model_id
@@ -149,9 +152,12 @@ class Moondream:
     def _steps(self, program: Program, image: EncodedImage | None) -> Iterator[None]:
         """Drive a program, pausing after every forward step (so streams can flush)."""
         cache, prefix = self.start_cache(image)
+        self.last_first_output_at = None
         x = next(program)
         while True:
             out = self.step(x, SeqSlice(cache, x.shape[0], prefix=prefix))
+            if self.last_first_output_at is None:
+                self.last_first_output_at = time.perf_counter()
             yield
             try:
                 x = program.send(out)
