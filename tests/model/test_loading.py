@@ -11,10 +11,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from moondream_server.model import ModelLoadError, MoondreamConfig, load
+from moondream_server.model import ModelLoadError, Moondream, MoondreamConfig, load
 from moondream_server.model.hub import DEFAULT_MODEL, DEFAULT_REVISION, DEFAULT_TOKENIZER
+from moondream_server.model.layers import MLP
 from moondream_server.model.loading import resolve_dtype
+from moondream_server.model.text import TextBlock
 from tests.model.support import TINY, TOKENIZER
+
+
+def _mlp(model: Moondream) -> MLP:
+    block = model.net.text.blocks[0]
+    assert isinstance(block, TextBlock)
+    return block.mlp
 
 
 def test_loads_our_random_checkpoint_with_exact_weights(random_folder: Path) -> None:
@@ -32,14 +40,31 @@ def test_cpu_float16_weight_storage_is_exact_for_bf16_checkpoints(random_folder:
 
     plain = load(random_folder, device="cpu", dtype=torch.float32, cpu_weights="float32")
     packed = load(random_folder, device="cpu", dtype=torch.float32)
-    assert isinstance(packed.net.text.blocks[0].mlp.fc1, Fp16Linear)
-    assert isinstance(plain.net.text.blocks[0].mlp.fc1, torch.nn.Linear)
+    assert isinstance(_mlp(packed).fc1, Fp16Linear)
+    assert isinstance(_mlp(plain).fc1, torch.nn.Linear)
     x = torch.randn(5, plain.config.text.dim, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(
-        packed.net.text.blocks[0].mlp.fc1(x), plain.net.text.blocks[0].mlp.fc1(x), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(_mlp(packed).fc1(x), _mlp(plain).fc1(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cpu_weights"):
         load(random_folder, device="cpu", dtype=torch.float32, cpu_weights="int4")
+
+
+def test_layers_float16_cannot_hold_stay_float32_linear(tmp_path: Path, random_folder: Path) -> None:
+    """Loading reads linear weights in the file's dtype (bf16) and packs them as float16; a layer
+    with a weight float16 cannot hold (beyond its 65504 range) stays a float32 ``nn.Linear``."""
+    from moondream_server.model.layers import Fp16Linear
+
+    folder = _copy(random_folder, tmp_path / "big")
+    state = load_file(str(folder / "model.safetensors"))
+    key = "model.text.blocks.0.mlp.fc1.weight"
+    assert state[key].dtype == torch.bfloat16
+    state[key][0, 0] = 1e5
+    save_file(state, str(folder / "model.safetensors"))
+    model = load(folder, device="cpu", dtype=torch.float32)
+    fc1 = _mlp(model).fc1
+    assert type(fc1) is torch.nn.Linear and fc1.weight.dtype == torch.float32
+    assert torch.equal(fc1.weight, state[key].float())
+    assert isinstance(_mlp(model).fc2, Fp16Linear)
+    assert {p.dtype for p in model.net.parameters()} == {torch.float32}
 
 
 def test_bf16_load_keeps_stored_bf16_values(random_folder: Path) -> None:

@@ -60,8 +60,9 @@ def fp16_lossless(weight: torch.Tensor) -> bool:
     their values are far inside its range. The 3e-8 moves of near-zero weights are below float32
     accumulation noise for these layer widths. Float32 checkpoints fail (23 mantissa bits).
     """
-    back = weight.to(torch.float16).to(weight.dtype)
-    return bool((back - weight).abs().max() <= FP16_TOLERANCE)
+    exact = weight.float()  # compare in float32, whatever the stored dtype (bf16 while loading)
+    back = exact.to(torch.float16).float()
+    return bool((back - exact).abs().max() <= FP16_TOLERANCE)
 
 
 def use_fp16_weights(module: nn.Module, *, exact_only: bool = True) -> tuple[int, int]:

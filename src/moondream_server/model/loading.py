@@ -13,7 +13,7 @@ from moondream_server.model.hub import DEFAULT_MODEL, ModelLoadError, resolve
 from moondream_server.model.layers import use_fp16_weights
 from moondream_server.model.moondream import Moondream
 from moondream_server.model.tiling import Resampler
-from moondream_server.model.weights import build_and_load
+from moondream_server.model.weights import build_and_load, linear_weight_names
 
 _DTYPES = {
     "float32": torch.float32,
@@ -90,9 +90,13 @@ def load(
     dt = resolve_dtype(dtype, dev)
     if cpu_weights not in CPU_WEIGHTS:
         raise ValueError(f"unknown cpu_weights {cpu_weights!r}; use one of {', '.join(CPU_WEIGHTS)}")
-    net = build_and_load(files.weights, config, dev, dt)
-    if dev.type == "cpu" and dt == torch.float32 and cpu_weights != "float32" and _has_fbgemm():
+    pack = dev.type == "cpu" and dt == torch.float32 and cpu_weights != "float32" and _has_fbgemm()
+    # Linear weights to be packed stay in the file's dtype (bf16: half of float32) until packed.
+    keep = linear_weight_names if pack else None
+    net = build_and_load(files.weights, config, dev, dt, keep_stored_dtype=keep)
+    if pack:
         use_fp16_weights(net, exact_only=cpu_weights == "auto")
+        net.to(dt)  # layers float16 cannot hold stay nn.Linear: give them the asked dtype
     try:
         tok = Tokenizer.from_file(str(Path(files.tokenizer)))
     except Exception as e:  # the tokenizers library raises a bare Exception subclass
