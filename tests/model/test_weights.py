@@ -1,0 +1,54 @@
+"""Reading safetensors files: the plain-read tensor reader against the safetensors library."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moondream_server.model import ModelLoadError
+from moondream_server.model.weights import TensorReader
+
+
+def test_reader_matches_the_safetensors_library(tmp_path: Path, random_folder: Path) -> None:
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f16": torch.randn(7).half(),
+        "f32": torch.randn(2, 2, 2),
+        "i64": torch.arange(6).view(2, 3),
+        "u8": torch.tensor([1, 2, 255], dtype=torch.uint8),
+        "flag": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    for file in (path, random_folder / "model.safetensors"):
+        expected = load_file(str(file))
+        reader = TensorReader(file)
+        try:
+            for key, want in expected.items():
+                got = reader.read(key)
+                assert got.dtype == want.dtype and got.shape == want.shape, key
+                assert torch.equal(got, want), key
+        finally:
+            reader.close()
+
+
+def test_a_file_that_ends_early_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.ones(1000)}, str(path))
+    (size,) = struct.unpack("<Q", path.read_bytes()[:8])
+    header = json.loads(path.read_bytes()[8 : 8 + size])
+    last = max(("a", "b"), key=lambda k: header[k]["data_offsets"][1])
+    path.write_bytes(path.read_bytes()[:-100])  # cuts into the last tensor's data
+    reader = TensorReader(path)
+    try:
+        with pytest.raises(ModelLoadError, match="truncated"):
+            reader.read(last)
+    finally:
+        reader.close()
