@@ -123,6 +123,8 @@ def test_mixed_concurrent_traffic_equals_one_at_a_time(
             assert [(p.x, p.y) for p in res.points] == exp, i
     # it really batched: each image encoded once for its 8 requests, steps shared by sequences
     assert engine.runtime.images_embedded == len(images)
+    # CPU defaults: one image per vision job (first come first served), no KV pool unless asked
+    assert engine.scheduler.max_images_per_step == 1 and engine.runtime.max_vision_crops == 4
     assert max(engine.scheduler.stats.step_sizes) > 1
     assert engine.scheduler.stats.completed == len(expected) + 1
 

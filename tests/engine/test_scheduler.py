@@ -293,6 +293,27 @@ def test_same_new_image_is_encoded_once_and_then_cached() -> None:
     assert d.image_cache_hit and d.result == [PREFIX + 2, PREFIX + 3]
 
 
+def test_one_image_per_vision_job_serves_the_first_image_first() -> None:
+    """max_images_per_step=1 (the CPU setting): images are encoded first come first served, so the
+    first request does not wait for the second image's encoding."""
+
+    class Ticking(FakeClock):
+        def __call__(self) -> float:  # every reading is later than the one before
+            self.now += 1.0
+            return self.now
+
+    s, rt, _ = make(clock=Ticking(), max_images_per_step=1)
+    a = req(counting_program(1, prompt=2, tokens=3), image="cat")
+    b = req(counting_program(2, prompt=2, tokens=3), image="dog")
+    s.submit(a)
+    s.submit(b)
+    drain(s)
+    assert rt.vision_calls == [["cat"], ["dog"]]
+    assert a.first_output_at is not None and b.first_output_at is not None
+    assert a.first_output_at < b.first_output_at
+    assert a.result == [PREFIX + 2, PREFIX + 3, PREFIX + 4, PREFIX + 5]
+
+
 def test_in_flight_dedupe_without_a_cache() -> None:
     s, rt, _ = make(cache=False)
     a = req(counting_program(1, prompt=1, tokens=1), image="cat")

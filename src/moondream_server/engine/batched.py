@@ -68,7 +68,7 @@ class BatchedEngine:
         image_cache_mb: float = 2048,
         threads: int | None = None,
         max_step_tokens: int | None = None,
-        max_images_per_step: int = 4,
+        max_images_per_step: int | None = None,
         max_vision_crops: int | None = None,
         kv_pool: bool | None = None,
         warmup: bool = True,
@@ -151,6 +151,10 @@ class BatchedEngine:
             # little there (the matrices are already large enough), so steps stay smaller.
             step_tokens = self._max_step_tokens or (4096 if gpu else 1024)
             vision_crops = self._max_vision_crops or (32 if gpu else 4)
+            # A GPU encodes the crops of several images faster together. A CPU gains nothing (its
+            # GEMMs are compute-bound already), and a job of several images makes all of them wait
+            # for the last one: one image per job, first come first served.
+            images_per_job = self._max_images_per_step or (4 if gpu else 1)
             pool = gpu if self._kv_pool is None else self._kv_pool
             self.runtime = ModelRuntime(
                 model, max_vision_crops=vision_crops, kv_pool_slots=self._max_batch_size if pool else 0
@@ -162,7 +166,7 @@ class BatchedEngine:
                 max_batch_size=self._max_batch_size,
                 max_queue=self._max_queue,
                 max_step_tokens=step_tokens,
-                max_images_per_step=self._max_images_per_step,
+                max_images_per_step=images_per_job,
                 image_cache=self.image_cache,
             )
             self.scheduler.start()
