@@ -314,6 +314,62 @@ def test_one_image_per_vision_job_serves_the_first_image_first() -> None:
     assert a.result == [PREFIX + 2, PREFIX + 3, PREFIX + 4, PREFIX + 5]
 
 
+@pytest.mark.parametrize("decode_first_s", [0.0, 1e9])
+def test_decode_first_lets_running_requests_finish_before_new_images(decode_first_s: float) -> None:
+    """The dog image takes 3 encoder chunks. With decode_first_s, its encoding waits until the
+    first request has its first token and while it decodes; with 0 it runs between its steps."""
+    seen: list[tuple[list[str], int]] = []  # per step: its sequences' markers, encoder chunks so far
+
+    class Logged(FakeRuntime):
+        def forward(self, items: Any) -> Any:
+            out = super().forward(items)
+            seen.append((markers(self.steps[-1]), self.vision_steps))
+            return out
+
+    class Ticking(FakeClock):
+        def __call__(self) -> float:  # every reading is a second later
+            self.now += 1.0
+            return self.now
+
+    rt = Logged(vision_chunk=1)
+    s, _, _ = make(rt=rt, clock=Ticking(), max_images_per_step=1, decode_first_s=decode_first_s)
+    a = req(counting_program(1, prompt=2, tokens=5), image="cat")
+    b = req(counting_program(2, prompt=2, tokens=5), image="dog*3")
+    s.submit(a)
+    s.submit(b)
+    drain(s)
+    assert a.result == [PREFIX + 2 + i for i in range(6)] and b.result == a.result
+    chunks_during_a = [n for ms, n in seen if "1" in ms]
+    assert rt.vision_steps == 4  # cat: 1 chunk, dog: 3
+    if decode_first_s:
+        assert max(chunks_during_a) == 1  # none of the dog's chunks ran before a finished
+    else:
+        assert max(chunks_during_a) == 4  # the dog's chunks ran between a's steps
+
+
+def test_decode_first_still_encodes_while_decodes_run_long() -> None:
+    """A decode that outlasts decode_first_s does not starve new images: they get a turn."""
+
+    class Ticking(FakeClock):
+        def __call__(self) -> float:
+            self.now += 1.0
+            return self.now
+
+    s, _, _ = make(clock=Ticking(), max_images_per_step=1, decode_first_s=5.0)
+    long = req(counting_program(1, prompt=1, tokens=60))  # text only: decodes for many steps
+    b = req(counting_program(2, prompt=2, tokens=1), image="dog")
+    s.submit(long)
+    drain_until = 0
+    while not (long.first_output_at is not None) and drain_until < 50:
+        s.run_once()
+        drain_until += 1
+    s.submit(b)
+    drain(s)
+    assert b.finished_at is not None and long.finished_at is not None
+    assert b.finished_at < long.finished_at
+    assert b.result == [PREFIX + 2, PREFIX + 3]
+
+
 def test_in_flight_dedupe_without_a_cache() -> None:
     s, rt, _ = make(cache=False)
     a = req(counting_program(1, prompt=1, tokens=1), image="cat")

@@ -71,6 +71,7 @@ class BatchedEngine:
         max_images_per_step: int | None = None,
         max_vision_crops: int | None = None,
         kv_pool: bool | None = None,
+        decode_first_s: float | None = None,
         warmup: bool = True,
     ) -> None:
         """``kv_pool``: hold the caches of ``max_batch_size`` sequences in one pool so that their
@@ -86,6 +87,7 @@ class BatchedEngine:
         self._max_images_per_step = max_images_per_step
         self._max_vision_crops = max_vision_crops
         self._kv_pool = kv_pool
+        self._decode_first_s = decode_first_s
         self._warmup = warmup
         self._ready = False
         self._stopping = False
@@ -155,6 +157,11 @@ class BatchedEngine:
             # GEMMs are compute-bound already), and a job of several images makes all of them wait
             # for the last one: one image per job, first come first served.
             images_per_job = self._max_images_per_step or (4 if gpu else 1)
+            # On a CPU an encoder chunk or an image prefill takes many seconds: running decodes
+            # get the cores for a while between them instead of waiting on every step.
+            decode_first = self._decode_first_s
+            if decode_first is None:
+                decode_first = 0.0 if gpu else 10.0
             pool = gpu if self._kv_pool is None else self._kv_pool
             self.runtime = ModelRuntime(
                 model, max_vision_crops=vision_crops, kv_pool_slots=self._max_batch_size if pool else 0
@@ -167,6 +174,7 @@ class BatchedEngine:
                 max_queue=self._max_queue,
                 max_step_tokens=step_tokens,
                 max_images_per_step=images_per_job,
+                decode_first_s=decode_first,
                 image_cache=self.image_cache,
             )
             self.scheduler.start()

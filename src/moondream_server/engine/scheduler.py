@@ -140,7 +140,12 @@ class Scheduler:
         image_cache: ImageCache[Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         min_prefill_chunk: int = 32,
+        decode_first_s: float = 0.0,
     ) -> None:
+        """``decode_first_s`` > 0: while sequences are decoding, heavy work (vision chunks, image
+        prefills) waits until the decodes have had that many seconds since the last heavy step,
+        so running requests finish instead of stalling behind every new image (CPUs, where one
+        encoder chunk takes seconds). 0: heavy work joins every step (GPUs)."""
         if max_batch_size < 1 or max_queue < 0 or max_step_tokens < 1 or max_images_per_step < 1:
             raise ValueError("scheduler limits must be positive")
         self.runtime = runtime
@@ -149,6 +154,8 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.max_images_per_step = max_images_per_step
         self.min_prefill_chunk = min_prefill_chunk
+        self.decode_first_s = decode_first_s
+        self._last_heavy_at = float("-inf")  # clock time at the end of the last heavy work
         self.image_cache = image_cache
         self.clock = clock
         self.stats = SchedulerStats()
@@ -351,8 +358,25 @@ class Scheduler:
         except Exception as exc:
             self._drop(seq, request_error(exc))
 
+    def _heavy_allowed(self) -> bool:
+        """May vision chunks and image prefills run now (see ``decode_first_s``)?"""
+        if self.decode_first_s <= 0:
+            return True
+        if not any(s.decoding and s.pending is not None for s in self._active):
+            return True
+        return self.clock() - self._last_heavy_at >= self.decode_first_s
+
+    def _encoded_not_decoding(self) -> bool:
+        """Is a sequence past its vision pass but not yet decoding (image or prompt prefill due)?"""
+        due = ("image_prefill", "run")
+        return any(s.pending is not None and not s.decoding and s.phase in due for s in self._active)
+
     def _vision(self) -> bool:
         """Advance the vision job by one chunk of crops (starting one for new images if idle)."""
+        if not self._heavy_allowed():
+            return False
+        if self._job is None and self.decode_first_s > 0 and self._encoded_not_decoding():
+            return False  # first come first served: earlier images get to their first token first
         if self._job is None:
             waiting = [s for s in self._active if s.phase == "need_vision"]
             if not waiting:
@@ -377,6 +401,8 @@ class Scheduler:
             self._job = None
             self._vision_failed(seqs, exc)
             return True
+        finally:
+            self._last_heavy_at = self.clock()
         self.stats.vision_steps += 1
         if results is None:
             return True
@@ -424,10 +450,13 @@ class Scheduler:
                 plan.append((s, n))
                 total += n
         any_prefill = False
+        heavy_ok = self._heavy_allowed()
         for s in sorted((s for s in ready if not s.decoding), key=lambda s: s.order):
             n = int(s.pending.shape[0])
             room = self.max_step_tokens - total
             if s.phase == "image_prefill":
+                if not heavy_ok:
+                    continue
                 # Cannot be chunked (the image prefix attends bidirectionally).
                 if n > room and any_prefill:
                     continue
@@ -474,6 +503,8 @@ class Scheduler:
                 self._drop(s, exc, fail_followers=True)
             return True
         tokens = sum(t for _, t in plan)
+        if any(s.phase == "image_prefill" for s, _ in plan):
+            self._last_heavy_at = self.clock()
         self.stats.steps += 1
         self.stats.step_tokens += tokens
         self.stats.max_step_tokens = max(self.stats.max_step_tokens, tokens)
