@@ -157,3 +157,11 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class TickingClock(FakeClock):
+    """A clock whose every reading is one second later than the one before."""
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now

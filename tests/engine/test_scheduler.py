@@ -15,7 +15,7 @@ from moondream_server.engine.errors import (
 )
 from moondream_server.engine.image_cache import ImageCache
 from moondream_server.engine.scheduler import CancelledRequestError, Request, Scheduler
-from tests.engine.fake_runtime import PREFIX, FakeClock, FakeRuntime, Trace, counting_program
+from tests.engine.fake_runtime import PREFIX, FakeClock, FakeRuntime, TickingClock, Trace, counting_program
 
 
 def make(
@@ -297,12 +297,7 @@ def test_one_image_per_vision_job_serves_the_first_image_first() -> None:
     """max_images_per_step=1 (the CPU setting): images are encoded first come first served, so the
     first request does not wait for the second image's encoding."""
 
-    class Ticking(FakeClock):
-        def __call__(self) -> float:  # every reading is later than the one before
-            self.now += 1.0
-            return self.now
-
-    s, rt, _ = make(clock=Ticking(), max_images_per_step=1)
+    s, rt, _ = make(clock=TickingClock(), max_images_per_step=1)
     a = req(counting_program(1, prompt=2, tokens=3), image="cat")
     b = req(counting_program(2, prompt=2, tokens=3), image="dog")
     s.submit(a)
@@ -326,13 +321,8 @@ def test_decode_first_lets_running_requests_finish_before_new_images(decode_firs
             seen.append((markers(self.steps[-1]), self.vision_steps))
             return out
 
-    class Ticking(FakeClock):
-        def __call__(self) -> float:  # every reading is a second later
-            self.now += 1.0
-            return self.now
-
     rt = Logged(vision_chunk=1)
-    s, _, _ = make(rt=rt, clock=Ticking(), max_images_per_step=1, decode_first_s=decode_first_s)
+    s, _, _ = make(rt=rt, clock=TickingClock(), max_images_per_step=1, decode_first_s=decode_first_s)
     a = req(counting_program(1, prompt=2, tokens=5), image="cat")
     b = req(counting_program(2, prompt=2, tokens=5), image="dog*3")
     s.submit(a)
@@ -350,12 +340,7 @@ def test_decode_first_lets_running_requests_finish_before_new_images(decode_firs
 def test_decode_first_still_encodes_while_decodes_run_long() -> None:
     """A decode that outlasts decode_first_s does not starve new images: they get a turn."""
 
-    class Ticking(FakeClock):
-        def __call__(self) -> float:
-            self.now += 1.0
-            return self.now
-
-    s, _, _ = make(clock=Ticking(), max_images_per_step=1, decode_first_s=5.0)
+    s, _, _ = make(clock=TickingClock(), max_images_per_step=1, decode_first_s=5.0)
     long = req(counting_program(1, prompt=1, tokens=60))  # text only: decodes for many steps
     b = req(counting_program(2, prompt=2, tokens=1), image="dog")
     s.submit(long)
