@@ -296,7 +296,6 @@ def test_same_new_image_is_encoded_once_and_then_cached() -> None:
 def test_one_image_per_vision_job_serves_the_first_image_first() -> None:
     """max_images_per_step=1 (the CPU setting): images are encoded first come first served, so the
     first request does not wait for the second image's encoding."""
-
     s, rt, _ = make(clock=TickingClock(), max_images_per_step=1)
     a = req(counting_program(1, prompt=2, tokens=3), image="cat")
     b = req(counting_program(2, prompt=2, tokens=3), image="dog")
