@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import struct
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moondream_server.model import ModelLoadError
-from moondream_server.model.weights import TensorReader
+from moondream_server.model import ModelLoadError, MoondreamConfig
+from moondream_server.model.layers import Fp16Linear, pack_fp16
+from moondream_server.model.weights import TensorReader, build_and_load
 
 
 def test_reader_matches_the_safetensors_library(tmp_path: Path, random_folder: Path) -> None:
@@ -52,3 +54,34 @@ def test_a_file_that_ends_early_is_refused(tmp_path: Path) -> None:
             reader.read(last)
     finally:
         reader.close()
+
+
+def test_linear_layers_are_packed_while_the_file_is_read(
+    monkeypatch: pytest.MonkeyPatch, random_folder: Path, tiny_config: MoondreamConfig
+) -> None:
+    """Each layer is packed as soon as its tensors are in, and the loader lets go of them once
+    packed: holding every unpacked weight until the end made the loading peak 1.5x the model."""
+    events: list[str] = []
+    read = TensorReader.read
+
+    def logged_read(self: TensorReader, key: str) -> torch.Tensor:
+        events.append("read")
+        return read(self, key)
+
+    handed: list[weakref.ref[torch.Tensor]] = []
+    most_alive = 0  # earlier layers' unpacked weights still referenced when a layer is packed
+
+    def packer(weight: torch.Tensor, bias: torch.Tensor | None) -> Fp16Linear | None:
+        nonlocal most_alive
+        events.append("pack")
+        most_alive = max(most_alive, sum(ref() is not None for ref in handed))
+        handed.append(weakref.ref(weight))
+        return pack_fp16(weight, bias)
+
+    monkeypatch.setattr(TensorReader, "read", logged_read)
+    path = random_folder / "model.safetensors"
+    net = build_and_load(path, tiny_config, torch.device("cpu"), torch.float32, packer, pack_threads=1)
+    assert not any(isinstance(m, torch.nn.Linear) for m in net.modules())
+    assert sum(isinstance(m, Fp16Linear) for m in net.modules()) == events.count("pack") > 10
+    assert events.index("pack") < len(events) // 4  # packing starts early, not after the last read
+    assert most_alive <= 3  # two layers queued behind the one being packed, at most

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -32,12 +30,11 @@ class Fp16Linear(nn.Module):
     short prompts), where MKL falls off a cliff, and on par for long prefills.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        self.out_features, self.in_features = weight.shape
+        b = None if bias is None else bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
@@ -65,31 +62,10 @@ def fp16_lossless(weight: torch.Tensor) -> bool:
     return bool((back - exact).abs().max() <= FP16_TOLERANCE)
 
 
-def use_fp16_weights(module: nn.Module, *, exact_only: bool = True) -> tuple[int, int]:
-    """Replace the ``nn.Linear`` layers under `module` by ``Fp16Linear`` (CPU only).
-
-    With `exact_only`, a layer whose weight or bias float16 cannot hold (``fp16_lossless``) stays.
-    Returns (layers replaced, layers kept). Layers are packed on a few threads (fbgemm's packing
-    is single-threaded and releases the GIL); that is most of the load-time cost.
-    """
-    # (parent, name) only: each float32 layer is freed as soon as its packed copy replaces it.
-    targets = [
-        (parent, name)
-        for parent in module.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
-
-    def convert(target: tuple[nn.Module, str]) -> bool:
-        parent, name = target
-        linear = getattr(parent, name)
-        if exact_only and not (
-            fp16_lossless(linear.weight) and (linear.bias is None or fp16_lossless(linear.bias))
-        ):
-            return False
-        setattr(parent, name, Fp16Linear(linear))
-        return True
-
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        replaced = sum(pool.map(convert, targets))
-    return replaced, len(targets) - replaced
+def pack_fp16(
+    weight: torch.Tensor, bias: torch.Tensor | None, *, exact_only: bool = True
+) -> Fp16Linear | None:
+    """An ``Fp16Linear`` for these tensors; None when `exact_only` and float16 cannot hold them."""
+    if exact_only and not (fp16_lossless(weight) and (bias is None or fp16_lossless(bias))):
+        return None
+    return Fp16Linear(weight, bias)

@@ -1,8 +1,9 @@
 """Reading the official model.safetensors into our modules.
 
 Tensors go straight from the file into the target dtype and device, one at a time, onto a
-model built on the meta device. Linear weights that will be repacked anyway (float16 storage on
-the CPU) can stay in the file's dtype until then, so no full-size float32 copy ever exists.
+model built on the meta device. Linear layers that will be repacked anyway (float16 storage on
+the CPU) are handed to the packer as soon as their weight and bias are read, in the file's dtype,
+so neither a float32 copy nor the whole file's worth of unpacked weights ever exists at once.
 Tensor data is read with plain reads, not through a memory map: mapped pages count in the
 process's resident memory until the map closes, which added the whole file (3.9 GB) to the
 loading peak.
@@ -13,7 +14,9 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -76,27 +79,12 @@ class TensorReader:
         self._file.close()
 
 
-def linear_weight_names(net: nn.Module) -> set[str]:
-    """State-dict names of the weights of every ``nn.Linear`` under `net`."""
-    return {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+# (weight, bias) in the file's dtype -> a module to stand in for that nn.Linear, or None to keep it.
+LinearPacker = Callable[[torch.Tensor, torch.Tensor | None], nn.Module | None]
 
 
-def build_and_load(
-    path: Path,
-    config: MoondreamConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    keep_stored_dtype: Callable[[nn.Module], set[str]] | None = None,
-) -> MoondreamNet:
-    """Build the network and fill it from `path`.
-
-    ``keep_stored_dtype(net)`` names tensors to leave in the file's dtype (the caller converts
-    them later); everything else is converted to `dtype` on reading.
-    """
-    with torch.device("meta"):
-        net = MoondreamNet(config)
-    keep = keep_stored_dtype(net) if keep_stored_dtype is not None else set()
-    expected = {name: tuple(p.shape) for name, p in net.state_dict().items()}
+def _stored_names(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Our parameter name -> the file's key, once the file's names and shapes match `expected`."""
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for a damaged header
@@ -122,13 +110,62 @@ def build_and_load(
                     f"{path}: tensor {key} has shape {list(shape)}, the config expects {list(expected[name])}"
                     " (is config.json the one that belongs to these weights?)"
                 )
+    return stored
+
+
+def build_and_load(
+    path: Path,
+    config: MoondreamConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    pack_linear: LinearPacker | None = None,
+    pack_threads: int = 1,
+) -> MoondreamNet:
+    """Build the network and fill it from `path`.
+
+    With ``pack_linear``, every ``nn.Linear`` is offered to it once its tensors are read (in the
+    file's dtype); a module it returns replaces the layer, None keeps the layer in `dtype`.
+    Packing runs on ``pack_threads`` threads (fbgemm packs on one thread and releases the GIL),
+    with a few layers in flight at most, so memory stays near the packed model's own size.
+    """
+    with torch.device("meta"):
+        net = MoondreamNet(config)
+    linears = {name: m for name, m in net.named_modules() if isinstance(m, nn.Linear)} if pack_linear else {}
+    stored = _stored_names(path, {name: tuple(p.shape) for name, p in net.state_dict().items()})
     state: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # a linear layer's tensors read so far
+    in_flight: deque[tuple[str, dict[str, torch.Tensor], Future[nn.Module | None]]] = deque()
+
+    def settle(layer: str, tensors: dict[str, torch.Tensor], future: Future[nn.Module | None]) -> None:
+        module = future.result()
+        if module is None:  # the packer declined: an ordinary layer in `dtype`
+            for part, tensor in tensors.items():
+                state[f"{layer}.{part}"] = tensor.to(device=device, dtype=dtype).contiguous()
+        else:
+            parent, _, child = layer.rpartition(".")
+            setattr(net.get_submodule(parent), child, module)
+
     reader = TensorReader(path)
     try:
-        for name, key in stored.items():
-            tensor = reader.read(key)
-            target = tensor.dtype if name in keep and tensor.is_floating_point() else dtype
-            state[name] = tensor.to(device=device, dtype=target).contiguous()
+        with ThreadPoolExecutor(max(1, pack_threads)) as pool:
+            for name, key in stored.items():
+                tensor = reader.read(key)
+                layer, _, part = name.rpartition(".")
+                linear = linears.get(layer)
+                if linear is None or pack_linear is None:
+                    state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+                    continue
+                got = pending.setdefault(layer, {})
+                got[part] = tensor
+                if "weight" not in got or (linear.bias is not None and "bias" not in got):
+                    continue
+                del pending[layer]
+                future = pool.submit(pack_linear, got["weight"], got.get("bias"))
+                in_flight.append((layer, got, future))
+                while len(in_flight) > 2 * max(1, pack_threads):
+                    settle(*in_flight.popleft())
+            while in_flight:
+                settle(*in_flight.popleft())
     finally:
         reader.close()
     net.load_state_dict(state, assign=True)
