@@ -312,3 +312,32 @@ def test_random_cancellations_leave_the_others_exact(
             assert isinstance(res, asyncio.CancelledError) or not isinstance(res, BaseException), res
         else:
             assert res == expected[i], i
+
+
+def test_a_drained_stream_reports_finish_reason_and_token_counts(
+    reference_model: Moondream, images: list[Image.Image]
+) -> None:
+    """What the OpenAI and Ollama surfaces put in their last chunk: the model's own counts."""
+    expected = []
+    for budget in (3, 40):
+        greedy = {"temperature": 0.0, "max_tokens": budget}
+        reference_model.caption(images[0], length="short", settings=greedy)
+        expected.append(reference_model.last_result)
+
+    async def body(e: BatchedEngine) -> list[Any]:
+        out = []
+        for budget in (3, 40):
+            greedy = SamplingSettings(temperature=0.0, max_tokens=budget)
+            stream = e.stream_caption(images[0], "short", greedy)
+            assert stream.result is None
+            out.append(("".join(await collect(stream)), stream.result))
+        return out
+
+    got = with_engine(make_engine(), body)
+    for (text, result), last in zip(got, expected, strict=True):
+        assert last.text is not None and result is not None
+        assert text == last.text.text
+        assert result.finish_reason == last.text.finish_reason
+        assert result.metrics.output_tokens == len(last.text.tokens)
+        assert result.metrics.input_tokens == last.prompt_tokens > 0
+    assert {r.finish_reason for _, r in got} == {"length", "stop"}  # both ends are exercised

@@ -35,3 +35,32 @@ def test_metrics_time_the_first_token_not_the_first_text_piece(
         assert cap.metrics.output_tokens > 0
 
     asyncio.run(main())
+
+
+def test_a_drained_stream_reports_finish_reason_and_token_counts(
+    reference_model: Moondream, images: list[Image.Image]
+) -> None:
+    """What the OpenAI and Ollama surfaces put in their last chunk: the model's own counts."""
+    image = images[0]
+    settings = {"temperature": 0.0, "max_tokens": 3}
+    reference_model.query(image, "What is it?", settings=settings)
+    last = reference_model.last_result
+    assert last.text is not None
+
+    async def main() -> None:
+        engine = SerialEngine(load_tiny, info=EngineInfo("tiny", None, DEVICE, "float32"), warmup=False)
+        await engine.start()
+        try:
+            greedy = SamplingSettings(temperature=0.0, max_tokens=3)
+            stream = engine.stream_query(image, "What is it?", spatial_refs=[], settings=greedy)
+            assert stream.result is None
+            pieces = [p async for p in stream]
+        finally:
+            await engine.stop()
+        assert stream.result is not None
+        assert stream.result.finish_reason == last.text.finish_reason
+        assert stream.result.metrics.output_tokens == len(last.text.tokens)
+        assert stream.result.metrics.input_tokens == last.prompt_tokens > 0
+        assert "".join(pieces) == last.text.text
+
+    asyncio.run(main())

@@ -6,7 +6,7 @@ scheduler. Routes never know which one serves them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from PIL import Image
@@ -20,6 +20,7 @@ from moondream_server.engine.types import (
     SamplingSettings,
     SpatialRef,
     TextResult,
+    TextStream,
 )
 
 
@@ -43,8 +44,8 @@ class Engine(Protocol):
 
     def stream_caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
-    ) -> AsyncIterator[str]:
-        """Text pieces as they are generated; closing the iterator cancels the request."""
+    ) -> TextStream:
+        """Text pieces as they are generated; closing the stream cancels the request."""
         ...
 
     async def query(
@@ -64,7 +65,7 @@ class Engine(Protocol):
         *,
         spatial_refs: Sequence[SpatialRef],
         settings: SamplingSettings,
-    ) -> AsyncIterator[str]: ...
+    ) -> TextStream: ...
 
     async def detect(self, image: Image.Image, obj: str, settings: SamplingSettings) -> DetectResult: ...
 

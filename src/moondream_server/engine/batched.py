@@ -38,6 +38,7 @@ from moondream_server.engine.types import (
     SamplingSettings,
     SpatialRef,
     TextResult,
+    TextStream,
 )
 from moondream_server.model.decoding import Program, TaskResult
 
@@ -271,8 +272,14 @@ class BatchedEngine:
             raise done.error
         return done
 
-    async def _stream(
-        self, image: Image.Image | None, build: Callable[[OnText], Program]
+    def _stream(self, image: Image.Image | None, build: Callable[[OnText], Program]) -> TextStream:
+        return TextStream(lambda finish: self._pieces(image, build, finish))
+
+    async def _pieces(
+        self,
+        image: Image.Image | None,
+        build: Callable[[OnText], Program],
+        finish: Callable[[TextResult], None],
     ) -> AsyncGenerator[str, None]:
         _, scheduler = self._parts()
         loop = asyncio.get_running_loop()
@@ -299,6 +306,9 @@ class BatchedEngine:
                     continue
                 if value.error is not None:
                     raise value.error
+                text = _task_result(value).text
+                finish_reason = text.finish_reason if text is not None else "stop"
+                finish(TextResult(text="", finish_reason=finish_reason, metrics=_metrics(value)))
                 return
         finally:
             req.cancel()
@@ -318,7 +328,7 @@ class BatchedEngine:
 
     def stream_caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
-    ) -> AsyncGenerator[str, None]:
+    ) -> TextStream:
         runtime = self._check_ready()
         sd = settings.as_model_settings()
         return self._stream(image, lambda on_text: runtime.caption(length, sd, on_text))
@@ -362,7 +372,7 @@ class BatchedEngine:
         *,
         spatial_refs: Sequence[SpatialRef],
         settings: SamplingSettings,
-    ) -> AsyncGenerator[str, None]:
+    ) -> TextStream:
         runtime = self._check_ready()
         sd = settings.as_model_settings()
         refs = [list(r) for r in spatial_refs] or None

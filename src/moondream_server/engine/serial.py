@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +49,7 @@ from moondream_server.engine.types import (
     SamplingSettings,
     SpatialRef,
     TextResult,
+    TextStream,
 )
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,12 @@ class SerialEngine:
         finally:
             job.cancel.set()
 
-    async def _stream(self, fn: Callable[[ModelLike], Iterator[str]]) -> AsyncIterator[str]:
+    def _stream(self, fn: Callable[[ModelLike], Iterator[str]]) -> TextStream:
+        return TextStream(lambda finish: self._pieces(fn, finish))
+
+    async def _pieces(
+        self, fn: Callable[[ModelLike], Iterator[str]], finish: Callable[[TextResult], None]
+    ) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -303,6 +309,7 @@ class SerialEngine:
                 loop.call_soon_threadsafe(items.put_nowait, (kind, value))
 
         def run(model: ModelLike, job: _Job) -> None:
+            t0 = time.perf_counter()
             try:
                 for piece in _interruptible(fn(model), job):
                     if piece:
@@ -321,7 +328,11 @@ class SerialEngine:
                 send("error", _translate(exc))
             else:
                 self.stats["completed"] += 1
-                send("done", None)
+                details = _details(model, time.perf_counter() - t0)
+                first = getattr(model, "last_first_output_at", None) or job.first_piece_at
+                if first is not None:
+                    details["ttft_secs"] = first - t0
+                send("done", TextResult(text="", finish_reason=_finish(details), metrics=_metrics(details)))
 
         job = _Job(run=run, deadline=time.monotonic() + self._timeout)
         job.on_drop = lambda e: send("error", e)
@@ -340,6 +351,8 @@ class SerialEngine:
                 elif kind == "error":
                     raise value
                 else:
+                    if value is not None:
+                        finish(value)
                     return
         finally:
             job.cancel.set()
@@ -359,7 +372,7 @@ class SerialEngine:
 
     def stream_caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
-    ) -> AsyncIterator[str]:
+    ) -> TextStream:
         sd = settings.as_model_settings()
         return self._stream(
             lambda m: iter(m.caption(image, length=length, stream=True, settings=sd)["caption"])
@@ -406,7 +419,7 @@ class SerialEngine:
         *,
         spatial_refs: Sequence[SpatialRef],
         settings: SamplingSettings,
-    ) -> AsyncIterator[str]:
+    ) -> TextStream:
         sd = settings.as_model_settings()
         refs = [list(r) for r in spatial_refs] or None
         return self._stream(

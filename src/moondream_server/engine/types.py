@@ -5,7 +5,7 @@ The API layer builds these from HTTP requests and renders them back; it never se
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +76,31 @@ class TextResult:
 @dataclass
 class QueryResult(TextResult):
     reasoning: Reasoning | None = None
+
+
+class TextStream:
+    """A streamed generation: an async iterator of text pieces as they are generated.
+
+    Once the last piece has been read, ``result`` holds the finish reason and metrics of the whole
+    generation (its ``text`` is left empty: the consumer has the pieces); it stays None when the
+    stream failed or was closed early. Closing the stream cancels the request.
+    """
+
+    def __init__(self, produce: Callable[[Callable[[TextResult], None]], AsyncGenerator[str, None]]) -> None:
+        self.result: TextResult | None = None
+        self._pieces = produce(self._finish)
+
+    def _finish(self, result: TextResult) -> None:
+        self.result = result
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await anext(self._pieces)
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
 
 
 @dataclass
