@@ -32,10 +32,17 @@ class Settings(BaseSettings):
     dtype: str = Field(default="auto", description='"auto", "float32", "bfloat16" or "float16".')
     api_keys: str = Field(
         default="",
-        description="Comma-separated API keys; when any key is set every inference route needs one.",
+        description="Comma-separated API keys; any key set → every non-public route needs one.",
+    )
+    api_key: str = Field(
+        default="",
+        description="One API key (MOONDREAM_API_KEY, the variable the official client reads), taken whole.",
     )
     api_key_file: Path | None = Field(
         default=None, description="File with one API key per line (blank lines and # comments ignored)."
+    )
+    public_metrics: bool = Field(
+        default=False, description="Serve /metrics without a key even when keys are configured."
     )
     max_body_bytes: int = Field(default=20 * MiB, ge=1, description="Largest accepted request body.")
     max_image_pixels: int = Field(
@@ -77,16 +84,40 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     def resolved_api_keys(self) -> frozenset[str]:
-        """All configured keys: ``api_keys`` plus the lines of ``api_key_file``."""
-        keys = {k.strip() for k in self.api_keys.split(",")}
+        """All configured keys: ``api_keys``, ``api_key`` and the lines of ``api_key_file``.
+
+        Auth fails closed: a source that is set but yields no key (``--api-key ","``, a key file
+        holding only comments) raises :class:`KeySourceError` instead of starting an open server.
+        An empty variable counts as unset (compose files pass ``MOONDREAM_API_KEYS=`` through).
+        """
+        keys: set[str] = set()
+        if self.api_keys.strip():
+            listed = {k.strip() for k in self.api_keys.split(",")} - {""}
+            if not listed:
+                raise KeySourceError(
+                    f"--api-key / MOONDREAM_API_KEYS is set ({self.api_keys!r}) but holds no key; "
+                    "refusing to start without authentication. Give a key, or unset it to run without keys."
+                )
+            keys |= listed
+        if self.api_key.strip():
+            keys.add(self.api_key.strip())
         if self.api_key_file is not None:
             try:
                 text = self.api_key_file.read_text(encoding="utf-8")
             except OSError as exc:
-                raise ValueError(f"cannot read the API key file {self.api_key_file}: {exc.strerror}") from exc
-            for line in text.splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.add(line)
-        keys.discard("")
+                raise KeySourceError(
+                    f"cannot read the API key file {self.api_key_file}: {exc.strerror}"
+                ) from exc
+            from_file = {line.strip() for line in text.splitlines()}
+            from_file = {line for line in from_file if line and not line.startswith("#")}
+            if not from_file:
+                raise KeySourceError(
+                    f"the API key file {self.api_key_file} holds no key (only blank lines or # comments); "
+                    "refusing to start without authentication."
+                )
+            keys |= from_file
         return frozenset(keys)
+
+
+class KeySourceError(ValueError):
+    """A configured API key source that cannot be read or yields no key: a start-up error."""

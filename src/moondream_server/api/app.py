@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 import moondream_server
 from moondream_server.api import health, metrics, routes_seed, routes_v1
+from moondream_server.api.auth import AuthMiddleware
 from moondream_server.api.errors import install_exception_handlers
 from moondream_server.api.images import configure_pillow
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
@@ -28,7 +29,7 @@ Self-hosted Moondream2, wire-compatible with Moondream Cloud.
 
 Coordinates are normalised to 0..1 with the origin at the top-left corner of the uploaded
 pixel grid (after EXIF orientation is applied). When the server has API keys, send one in the
-`X-Moondream-Auth` header.
+`X-Moondream-Auth` header or as `Authorization: Bearer <key>`.
 """
 
 
@@ -63,14 +64,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.api_keys = settings.resolved_api_keys()
+    app.state.api_keys = keys = settings.resolved_api_keys()
+    if keys:
+        where = "open" if settings.public_metrics else "behind the keys"
+        log.info("authentication on: %d key(s); /metrics is %s", len(keys), where)
+    else:
+        log.warning("no API keys configured: every route is open to anyone who can reach this server")
     install_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_seed.router)
-    # Added last = outermost: paths are normalised before anything else looks at them.
+    # Added last = outermost: paths are normalised before anything else looks at them, and the
+    # key is checked before a byte of the body is read.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, keys=keys, public_metrics=settings.public_metrics)
     app.add_middleware(PathNormalizeMiddleware)
     return app
 

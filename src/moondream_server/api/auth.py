@@ -1,8 +1,14 @@
-"""API keys: the ``X-Moondream-Auth`` header, as the official client sends it.
+"""API keys, checked by a pure-ASGI middleware before the request body is read.
 
-No key configured → every route is open (like Moondream Station). With keys configured, every
-inference route needs one of them; ``/health`` and the docs stay open. Keys are compared with
-:func:`hmac.compare_digest` against every configured key, so timing reveals nothing.
+No key configured → every route is open (like Moondream Station), and whatever key a client sends
+is ignored: OpenAI-style clients always send some ``Authorization: Bearer`` key, often a dummy.
+With keys configured, every route needs one of them except the public ones below (health probes,
+the docs and their assets, the playground page) and, when ``public_metrics`` is set,
+``/metrics``. Unknown paths need a key too: the check fails closed.
+
+A key is accepted in ``X-Moondream-Auth: <key>`` (what the official client sends) or in
+``Authorization: Bearer <key>`` (what OpenAI-style clients and Prometheus scrapers send). Keys are
+compared with :func:`hmac.compare_digest` against every configured key, so timing reveals nothing.
 """
 
 from __future__ import annotations
@@ -10,18 +16,45 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader
+from fastapi import Depends
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from moondream_server.api.errors import ApiError
+from moondream_server.api.errors import render_error
 
 HEADER = "X-Moondream-Auth"
 
-_scheme = APIKeyHeader(
-    name=HEADER,
-    auto_error=False,
-    description="API key; required only when the server was started with keys.",
+# Routes that never need a key: probes, docs, and static pages that run no inference.
+PUBLIC_PATHS = frozenset(
+    {
+        "/",
+        "/health",
+        "/health/ready",
+        "/v1/health",
+        "/v1/health/ready",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+    }
 )
+PUBLIC_PREFIXES = ("/static/",)
+METRICS_PATH = "/metrics"
+
+_header_scheme = APIKeyHeader(
+    name=HEADER, auto_error=False, description="API key; required only when the server was started with keys."
+)
+_bearer_scheme = HTTPBearer(
+    auto_error=False, description="The same API key as a Bearer token (OpenAI-style clients, Prometheus)."
+)
+
+
+async def require_api_key(
+    _key: Annotated[str | None, Depends(_header_scheme)],
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
+) -> None:
+    """Declares the two key schemes in the OpenAPI schema. The check itself is
+    :class:`AuthMiddleware`: a dependency would run only after FastAPI has parsed the body."""
 
 
 def key_matches(given: str, keys: frozenset[str]) -> bool:
@@ -32,9 +65,51 @@ def key_matches(given: str, keys: frozenset[str]) -> bool:
     return ok
 
 
-async def require_api_key(request: Request, key: Annotated[str | None, Depends(_scheme)]) -> None:
-    keys: frozenset[str] = request.app.state.api_keys
-    if not keys:
-        return
-    if not key or not key_matches(key.strip(), keys):
-        raise ApiError(401, "Invalid or missing API key", code="invalid_api_key", param=HEADER)
+def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[str]:
+    """Every key the request carries, in either header."""
+    found = []
+    for name, raw in headers:
+        value = raw.decode("latin-1").strip()
+        if name == b"x-moondream-auth":
+            found.append(value)
+        elif name == b"authorization":
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                found.append(token.strip())
+    return [k for k in found if k]
+
+
+def is_public(path: str, *, public_metrics: bool) -> bool:
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        return True
+    return public_metrics and path == METRICS_PATH
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, keys: frozenset[str], public_metrics: bool) -> None:
+        self.app = app
+        self.keys = keys
+        self.public_metrics = public_metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or not self.keys
+            or is_public(scope["path"], public_metrics=self.public_metrics)
+        ):
+            await self.app(scope, receive, send)
+            return
+        if any(key_matches(k, self.keys) for k in presented_keys(scope["headers"])):
+            await self.app(scope, receive, send)
+            return
+        # The body was never read: close the connection rather than parse what follows as a request.
+        headers = {"WWW-Authenticate": "Bearer", "Connection": "close"}
+        response = render_error(
+            scope["path"],
+            401,
+            "Invalid or missing API key",
+            code="invalid_api_key",
+            param=HEADER,
+            headers=headers,
+        )
+        await response(scope, receive, send)

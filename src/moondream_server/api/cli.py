@@ -10,7 +10,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from moondream_server.settings import Settings
+from moondream_server.settings import KeySourceError, Settings
 
 _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model", "model", {"help": "Hub repo id or local checkpoint folder (default vikhyatk/moondream2)"}),
@@ -21,6 +21,11 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--dtype", "dtype", {"help": "auto | float32 | bfloat16 | float16"}),
     ("--api-key", "api_keys", {"help": "API key(s), comma-separated; enables auth"}),
     ("--api-key-file", "api_key_file", {"help": "file with one API key per line; enables auth"}),
+    (
+        "--public-metrics",
+        "public_metrics",
+        {"action": "store_true", "help": "serve /metrics without a key even when keys are set"},
+    ),
     ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "largest request body (default 20 MiB)"}),
     ("--max-image-pixels", "max_image_pixels", {"type": int, "help": "largest image, width×height"}),
     ("--max-queue", "max_queue", {"type": int, "help": "waiting requests before 429 (default 64)"}),
@@ -59,6 +64,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     for flag, dest, kwargs in _FLAGS:
         parser.add_argument(flag, dest=dest, default=None, **kwargs)
     args = parser.parse_args(argv)
+    if args.api_keys is not None and not args.api_keys.strip():
+        raise KeySourceError("--api-key was given an empty value; refusing to start without authentication")
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     return Settings(**overrides)
 
