@@ -44,6 +44,29 @@ class Settings(BaseSettings):
     public_metrics: bool = Field(
         default=False, description="Serve /metrics without a key even when keys are configured."
     )
+    allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated Host header values to serve (*.example.com allowed); empty = any.",
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Comma-separated browser origins allowed to call the API cross-origin ('*' = any); "
+        "empty = none (cross-origin requests get 403).",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time a connection has to send a request's headers."
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, description="Time a request has to send its whole body."
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, description="Idle time after which a keep-alive connection is closed."
+    )
+    shutdown_grace_s: float = Field(
+        default=8.0,
+        ge=0,
+        description="On SIGTERM, time in-flight requests get to finish before streams are cut off.",
+    )
     max_body_bytes: int = Field(default=20 * MiB, ge=1, description="Largest accepted request body.")
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, description="Largest accepted image (width × height)."
@@ -82,6 +105,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    def allowed_host_list(self) -> list[str]:
+        return [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
+
+    def cors_origin_set(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
     def resolved_api_keys(self) -> frozenset[str]:
         """All configured keys: ``api_keys``, ``api_key`` and the lines of ``api_key_file``.

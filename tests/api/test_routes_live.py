@@ -59,7 +59,7 @@ def test_health_reports_the_loaded_model(client: httpx.Client) -> None:
         body = r.json()
         assert body["status"] == "ok"
         assert body["ready"] is True and body["model_loaded"] is True
-        assert body["model"] == str(TINY)
+        assert body["model"] == TINY.name
         assert body["device"] == "cpu"
         assert body["dtype"] == "float32"
         assert body["engine"] == "batched"  # the default

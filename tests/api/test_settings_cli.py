@@ -124,7 +124,7 @@ def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the server did not become ready"
             time.sleep(0.1)
         health = httpx.get(base + "/health", trust_env=False).json()
-        assert (health["model"], health["device"], health["dtype"]) == (str(TINY), "cpu", "float32")
+        assert (health["model"], health["device"], health["dtype"]) == (TINY.name, "cpu", "float32")
         body = {"question": "hi", "settings": GREEDY}
         assert (
             httpx.post(base + "/v1/query", json=body, trust_env=False).status_code == 401

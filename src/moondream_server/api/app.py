@@ -8,10 +8,12 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import moondream_server
 from moondream_server.api import health, metrics, routes_seed, routes_v1
 from moondream_server.api.auth import AuthMiddleware
+from moondream_server.api.cross_origin import CORSMiddleware, CrossOriginGuard, cors_middleware_options
 from moondream_server.api.errors import install_exception_handlers
 from moondream_server.api.images import configure_pillow
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
@@ -75,10 +77,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(metrics.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_seed.router)
-    # Added last = outermost: paths are normalised before anything else looks at them, and the
-    # key is checked before a byte of the body is read.
+    # Added last = outermost. Paths are normalised before anything looks at them; the Host and
+    # Origin checks and the key come before a byte of the body is read; CORS sits outside the
+    # key check so that preflights (which carry no key) and 401s get their CORS headers.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, keys=keys, public_metrics=settings.public_metrics)
+    origins = settings.cors_origin_set()
+    if origins:
+        app.add_middleware(CORSMiddleware, **cors_middleware_options(origins))  # type: ignore[arg-type]
+    app.add_middleware(CrossOriginGuard, allowed_origins=origins)
+    if settings.allowed_host_list():
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_host_list())
     app.add_middleware(PathNormalizeMiddleware)
     return app
 

@@ -26,6 +26,28 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "public_metrics",
         {"action": "store_true", "help": "serve /metrics without a key even when keys are set"},
     ),
+    (
+        "--allowed-hosts",
+        "allowed_hosts",
+        {"help": "Host header values to serve, comma-separated (default any)"},
+    ),
+    ("--cors-origins", "cors_origins", {"help": "browser origins allowed cross-origin (default none)"}),
+    (
+        "--header-timeout",
+        "header_timeout_s",
+        {"type": float, "help": "s to send request headers (default 10)"},
+    ),
+    ("--body-timeout", "body_timeout_s", {"type": float, "help": "s to send a request body (default 60)"}),
+    (
+        "--keep-alive-timeout",
+        "keep_alive_timeout_s",
+        {"type": float, "help": "s an idle keep-alive connection stays open (default 5)"},
+    ),
+    (
+        "--shutdown-grace",
+        "shutdown_grace_s",
+        {"type": float, "help": "s in-flight requests get after SIGTERM (default 8)"},
+    ),
     ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "largest request body (default 20 MiB)"}),
     ("--max-image-pixels", "max_image_pixels", {"type": int, "help": "largest image, width×height"}),
     ("--max-queue", "max_queue", {"type": int, "help": "waiting requests before 429 (default 64)"}),

@@ -1,6 +1,9 @@
-"""Liveness and readiness. Open even when API keys are configured."""
+"""Liveness and readiness. Open even when API keys are configured, so they show no filesystem
+paths: a model served from a local folder appears by the folder's name."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -11,24 +14,47 @@ from moondream_server.engine.base import Engine
 router = APIRouter(tags=["health"])
 
 
+def public_model_name(model: str) -> str:
+    """A Hub repo id as it is; a local folder (what the loader would read from disk) by its name."""
+    path = Path(model).expanduser()
+    if path.is_absolute() or path.exists() or model.startswith((".", "~")):
+        return path.resolve().name or model
+    return model
+
+
+def redact_paths(text: str, model: str) -> str:
+    """An error message with the model folder's path (as given and resolved) replaced by its name."""
+    name = public_model_name(model)
+    if name == model:
+        return text
+    for form in sorted({str(Path(model).expanduser().resolve()), model}, key=len, reverse=True):
+        text = text.replace(form, name)
+    return text
+
+
+def _load_error(request: Request) -> str | None:
+    error = getattr(request.app.state.engine, "load_error", None)
+    return None if error is None else redact_paths(str(error), request.app.state.settings.model)
+
+
 def _health(request: Request) -> HealthResponse:
     engine: Engine = request.app.state.engine
     info = engine.info
     ready = engine.is_ready()
-    error = getattr(engine, "load_error", None)
+    error = _load_error(request)
     depth = getattr(engine, "queue_depth", None)
     stats = getattr(engine, "stats", None)
     return HealthResponse(
         ready=ready,
         model_loaded=ready,
-        model=info.model_id,
+        model=public_model_name(info.model_id),
         revision=info.revision,
         device=info.device,
         dtype=info.dtype,
         engine=request.app.state.settings.engine,
         queue_depth=depth if isinstance(depth, int) else None,
         requests=dict(stats) if isinstance(stats, dict) else None,
-        error=None if error is None else str(error),
+        error=error,
     )
 
 
@@ -54,7 +80,7 @@ async def ready(request: Request) -> JSONResponse:
     engine: Engine = request.app.state.engine
     if engine.is_ready():
         return JSONResponse(ReadyResponse(ready=True).model_dump(exclude_none=True))
-    error = getattr(engine, "load_error", None)
+    error = _load_error(request)
     detail = "the model is loading" if error is None else f"the model failed to load: {error}"
     return JSONResponse(
         ReadyResponse(ready=False, detail=detail).model_dump(), status_code=503, headers={"Retry-After": "5"}
