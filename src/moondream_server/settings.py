@@ -71,6 +71,20 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, description="Largest accepted image (width × height)."
     )
+    max_image_side: int = Field(
+        default=16_384, ge=1, description="Longest accepted image side in pixels (read from the header)."
+    )
+    max_inflight_image_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Decoded pixels all requests may hold at once (queued or being served); an image that "
+            "would go over is refused with 429. None = 4 × max_image_pixels."
+        ),
+    )
+    image_decode_threads: int = Field(
+        default=2, ge=1, description="Images decoded at once (threads of their own)."
+    )
     max_queue: int = Field(
         default=64, ge=1, description="Requests allowed to wait for the model; more → 429."
     )

@@ -50,6 +50,13 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "largest request body (default 20 MiB)"}),
     ("--max-image-pixels", "max_image_pixels", {"type": int, "help": "largest image, width×height"}),
+    ("--max-image-side", "max_image_side", {"type": int, "help": "longest image side (default 16384)"}),
+    (
+        "--max-inflight-image-pixels",
+        "max_inflight_image_pixels",
+        {"type": int, "help": "decoded pixels all requests may hold at once (default 4 × max image pixels)"},
+    ),
+    ("--image-decode-threads", "image_decode_threads", {"type": int, "help": "images decoded at once (2)"}),
     ("--max-queue", "max_queue", {"type": int, "help": "waiting requests before 429 (default 64)"}),
     (
         "--request-timeout",

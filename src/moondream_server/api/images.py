@@ -1,8 +1,13 @@
 """Turn what a client uploaded (data URL, bare base64 or raw bytes) into an RGB PIL image.
 
+Two stages, so that a caller can decide between them whether the decode may happen (see
+``api/decoder.py``): :func:`probe_image_bytes` reads only the header and checks the format, the
+pixel count and the longest side; :func:`decode_probed` then decodes the pixels.
+
 Every failure is an :class:`ImageError` with the HTTP status it deserves: 400 for input that is
-not a (complete) image, 413 for images over the pixel cap. The pixel count is checked from the
-header, before any pixel is decoded, so a decompression bomb costs nothing.
+not a (complete) image, 413 for images over the pixel cap or the side cap. Both caps are checked
+from the header, before any pixel is decoded, so a decompression bomb costs nothing, and the side
+cap bounds the per-row cost of a degenerate image (a 1×49,000,000 PNG is 49 M rows).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import base64
 import binascii
 import io
 import re
+from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -43,8 +49,35 @@ class ImageError(Exception):
         self.param = param
 
 
-def decode_image_string(value: str, *, max_pixels: int, param: str = "image_url") -> Image.Image:
+# Longest accepted side by default: far above any camera or scan the model can use (it resizes to
+# at most 12 crops of 378 px), far below the rows that make a narrow image slow to decode.
+DEFAULT_MAX_SIDE = 16_384
+
+
+@dataclass(frozen=True)
+class ProbedImage:
+    """An opened image whose header passed the checks; no pixel is decoded yet."""
+
+    image: Image.Image
+    param: str
+    max_pixels: int
+
+    @property
+    def pixels(self) -> int:
+        return self.image.width * self.image.height
+
+
+def decode_image_string(
+    value: str, *, max_pixels: int, max_side: int = DEFAULT_MAX_SIDE, param: str = "image_url"
+) -> Image.Image:
     """Decode ``data:<mime>;base64,<data>`` or bare base64 into an RGB image."""
+    return decode_probed(probe_image_string(value, max_pixels=max_pixels, max_side=max_side, param=param))
+
+
+def probe_image_string(
+    value: str, *, max_pixels: int, max_side: int = DEFAULT_MAX_SIDE, param: str = "image_url"
+) -> ProbedImage:
+    """Base64-decode ``data:<mime>;base64,<data>`` or bare base64 and check the image's header."""
     text = value.strip()
     match = _DATA_URL.match(text)
     if match is not None:
@@ -57,7 +90,7 @@ def decode_image_string(value: str, *, max_pixels: int, param: str = "image_url"
     elif text.lower().startswith(("http://", "https://")):
         raise ImageError("image URLs are not fetched; send the image as a base64 data URL", param=param)
     data = _b64decode(text, param=param)
-    return decode_image_bytes(data, max_pixels=max_pixels, param=param)
+    return probe_image_bytes(data, max_pixels=max_pixels, max_side=max_side, param=param)
 
 
 def _b64decode(text: str, *, param: str) -> bytes:
@@ -73,8 +106,17 @@ def _b64decode(text: str, *, param: str) -> bytes:
         raise ImageError("the image is not valid base64", param=param) from None
 
 
-def decode_image_bytes(data: bytes, *, max_pixels: int, param: str = "file") -> Image.Image:
+def decode_image_bytes(
+    data: bytes, *, max_pixels: int, max_side: int = DEFAULT_MAX_SIDE, param: str = "file"
+) -> Image.Image:
     """Open, check the size, fully decode, apply EXIF orientation and convert to RGB."""
+    return decode_probed(probe_image_bytes(data, max_pixels=max_pixels, max_side=max_side, param=param))
+
+
+def probe_image_bytes(
+    data: bytes, *, max_pixels: int, max_side: int = DEFAULT_MAX_SIDE, param: str = "file"
+) -> ProbedImage:
+    """Open the image and check its format, pixel count and longest side from the header."""
     if not data:
         raise ImageError("the image is empty", param=param)
     try:
@@ -97,7 +139,18 @@ def decode_image_bytes(data: bytes, *, max_pixels: int, param: str = "file") -> 
         raise ImageError("the image has no pixels", param=param)
     if width * height > max_pixels:
         raise ImageError(_too_many_pixels_message((width, height), max_pixels), status=413, param=param)
+    if max(width, height) > max_side:
+        raise ImageError(
+            f"the image is {width}×{height}; the longest side may be at most {max_side:,} pixels",
+            status=413,
+            param=param,
+        )
+    return ProbedImage(image=img, param=param, max_pixels=max_pixels)
 
+
+def decode_probed(probed: ProbedImage) -> Image.Image:
+    """Decode the first frame, apply EXIF orientation and convert to RGB."""
+    img, param = probed.image, probed.param
     try:
         img.seek(0)  # GIF/TIFF/WebP animations: the first frame
         img.load()
@@ -106,11 +159,12 @@ def decode_image_bytes(data: bytes, *, max_pixels: int, param: str = "file") -> 
             img = img.convert("RGBA")  # palette transparency: via RGBA, as Pillow asks
         rgb = img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(_too_many_pixels_message(None, max_pixels), status=413, param=param) from None
+        message = _too_many_pixels_message(None, probed.max_pixels)
+        raise ImageError(message, status=413, param=param) from None
     except Exception as exc:
         raise ImageError(f"the image is truncated or corrupt: {exc}", param=param) from None
-    if rgb.width * rgb.height > max_pixels:  # cannot grow through a transpose, but be exact
-        raise ImageError(_too_many_pixels_message(rgb.size, max_pixels), status=413, param=param)
+    if rgb.width * rgb.height != probed.pixels:  # a transpose swaps sides, never changes the count
+        raise ImageError("the image's decoded size does not match its header", param=param)
     return rgb
 
 
