@@ -261,7 +261,8 @@ class BatchedEngine:
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
                 loop.call_soon_threadsafe(deliver, req)
 
-        req = await self._submit(image, _validated(build), on_done)
+        # Built on a worker thread: building tokenizes the question, which must not hold the loop.
+        req = await self._submit(image, await asyncio.to_thread(_validated, build), on_done)
         try:
             done = await asyncio.wait_for(fut, max(req.deadline - scheduler.clock(), 0.0))
         except TimeoutError:
@@ -289,7 +290,7 @@ class BatchedEngine:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(items.put_nowait, (kind, value))
 
-        program = _validated(lambda: build(lambda piece: send("chunk", piece)))
+        program = await asyncio.to_thread(_validated, lambda: build(lambda piece: send("chunk", piece)))
         req = await self._submit(image, program, lambda r: send("done", r))
         try:
             while True:

@@ -24,6 +24,8 @@ from moondream_server.model.decoding import (
     Program,
     StepOutput,
     caption_program,
+    check_object_fits,
+    check_question_fits,
     query_program,
     region_program,
 )
@@ -237,9 +239,20 @@ class ModelRuntime:
             raise ValueError("spatial_refs can only be used with an image")
         validate_spatial_refs(spatial_refs)
         parsed = _text_settings(settings)
+        question_ids = self.model.encode_text(question)
+        # Now, not when the program first runs on the scheduler thread: the caller gets a 400
+        # before the request takes a queue place.
+        check_question_fits(
+            self.model.ctx,
+            question_ids,
+            spatial_refs or None,
+            self._context_left(with_image),
+            with_image=with_image,
+            reasoning=reasoning,
+        )
         return query_program(
             self.model.ctx,
-            self.model.encode_text(question),
+            question_ids,
             parsed,
             self._context_left(with_image),
             with_image=with_image,
@@ -250,10 +263,12 @@ class ModelRuntime:
 
     def region(self, task: Literal["detect", "point"], obj: str, settings: dict[str, Any] | None) -> Program:
         parsed = _text_settings(settings)
+        object_ids = self.model.encode_text(" " + obj)
+        check_object_fits(self.model.ctx, task, object_ids, self._context_left(True))
         return region_program(
             self.model.ctx,
             task,
-            self.model.encode_text(" " + obj),
+            object_ids,
             parsed.max_objects,
             self._context_left(True),
         )

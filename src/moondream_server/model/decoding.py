@@ -172,6 +172,45 @@ def query_prompt_ids(
     return bos + list(template["prefix"]) + spatial_slots(ctx.ids, spatial_refs) + list(question_ids)
 
 
+def check_question_fits(
+    ctx: Context,
+    question_ids: Sequence[int],
+    spatial_refs: Sequence[SpatialRef] | None,
+    context_left: int,
+    *,
+    with_image: bool,
+    reasoning: bool,
+) -> None:
+    """Raise ValueError, naming the limit, when the question leaves no room for an answer token.
+
+    Counted on token ids, before anything is embedded: an over-long question costs its
+    tokenization only, never a [tokens, dim] tensor."""
+    suffix = ctx.ids.templates["query"]["suffix"]
+    fixed = len(query_prompt_ids(ctx, (), spatial_refs, with_image=with_image)) + 2 * len(suffix)
+    room = context_left - fixed - (1 if reasoning else 0) - 1  # at least one token to answer
+    if len(question_ids) > room:
+        refs = f" and {len(spatial_refs)} spatial_refs" if spatial_refs else ""
+        where = ("with an image" if with_image else "without an image") + refs
+        raise ValueError(
+            f"the question is {len(question_ids):,} tokens long; at most {max(room, 0):,} tokens fit "
+            f"in the model's context {where}"
+        )
+
+
+def check_object_fits(
+    ctx: Context, task: Literal["detect", "point"], object_ids: Sequence[int], context_left: int
+) -> None:
+    """Raise ValueError, naming the limit, when the object leaves no room for one answer."""
+    template = ctx.ids.templates[task]
+    per_object = 3 if task == "detect" else 2
+    room = context_left - len(template["prefix"]) - len(template["suffix"]) - per_object
+    if len(object_ids) > room:
+        raise ValueError(
+            f"the object is {len(object_ids):,} tokens long; at most {max(room, 0):,} tokens fit "
+            f"in the model's context"
+        )
+
+
 def query_program(
     ctx: Context,
     question_ids: Sequence[int],
@@ -183,6 +222,9 @@ def query_program(
     spatial_refs: Sequence[SpatialRef] | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> Program:
+    check_question_fits(
+        ctx, question_ids, spatial_refs, context_left, with_image=with_image, reasoning=reasoning
+    )
     suffix = list(ctx.ids.templates["query"]["suffix"])
     ids = query_prompt_ids(ctx, question_ids, spatial_refs, with_image=with_image) + suffix
     if not reasoning:
@@ -252,6 +294,7 @@ def region_program(
     context_left: int,
 ) -> Program:
     """Detect (boxes) or point: coordinates decoded from hidden states, fed back as embeddings."""
+    check_object_fits(ctx, task, object_ids, context_left)
     template = ctx.ids.templates[task]
     ids = list(template["prefix"]) + list(object_ids) + list(template["suffix"])
     per_object = 3 if task == "detect" else 2
