@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, error handlers, middleware, and the engine's lifecycle."""
+"""The FastAPI application: the surfaces' routes, error handlers, middleware, and the engine's lifecycle."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from fastapi import FastAPI
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import moondream_server
-from moondream_server.api import health, metrics, routes_seed, routes_v1
+from moondream_server.api import health, metrics
 from moondream_server.api.auth import AuthMiddleware
 from moondream_server.api.cross_origin import CORSMiddleware, CrossOriginGuard, cors_middleware_options
-from moondream_server.api.errors import install_exception_handlers
+from moondream_server.api.errors import install_exception_handlers, register_error_shape
 from moondream_server.api.images import configure_pillow
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
+from moondream_server.api.surface import discover_surfaces
 from moondream_server.engine.base import Engine
 from moondream_server.settings import Settings
 
@@ -75,8 +76,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.include_router(routes_v1.router)
-    app.include_router(routes_seed.router)
+    for surface in discover_surfaces():
+        app.include_router(surface.router)
+        if surface.error_prefix is not None and surface.error_body is not None:
+            register_error_shape(surface.error_prefix, surface.error_body)
     # Added last = outermost. Paths are normalised before anything looks at them; the Host and
     # Origin checks and the key come before a byte of the body is read; CORS sits outside the
     # key check so that preflights (which carry no key) and 401s get their CORS headers.

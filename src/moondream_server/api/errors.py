@@ -1,19 +1,25 @@
 """Errors and their HTTP rendering.
 
-Two body shapes, chosen by the path:
+Each surface has its own error body shape, chosen by the request's path (the longest registered
+prefix wins; a surface registers its prefix and shape through :func:`register_error_shape`):
 
-* ``/v1/...`` (cloud family): ``{"error": {"message", "type", "param", "code"}}``
-* everything else (seed family): ``{"detail": "..."}`` (for 422: the list of problems)
+* cloud ``/v1/...`` and OpenAI: ``{"error": {"message", "type", "param", "code"}}``
+  (:func:`openai_style_body`, the shape Moondream Cloud took from OpenAI);
+* Ollama ``/api/...``: ``{"error": "..."}``;
+* everything else (seed routes, unknown paths): ``{"detail": "..."}`` (for 422: the list of
+  problems), FastAPI's own shape.
 
 Status codes: 400 bad input, 401 auth, 404/405 routing, 413 too large, 422 validation,
-429 queue full (Retry-After), 503 not ready (Retry-After), 504 deadline, 500 anything unexpected.
+429 queue full (Retry-After), 501 skill not available, 503 not ready (Retry-After),
+504 deadline, 500 anything unexpected.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,7 +38,7 @@ from moondream_server.engine.errors import (
 
 log = logging.getLogger(__name__)
 
-_V1_TYPES = {
+_OPENAI_STYLE_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
@@ -43,9 +49,52 @@ _V1_TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    501: "not_implemented_error",
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An error about to be rendered, in whatever shape the path's surface uses."""
+
+    status: int
+    message: str
+    code: str | None = None
+    param: str | None = None
+    detail: Any = None  # for 422: the list of validation problems
+
+
+# A surface's error body: the JSON value of the response.
+ErrorBody = Callable[[ErrorInfo], Any]
+
+
+def openai_style_body(error: ErrorInfo) -> dict[str, Any]:
+    status = error.status
+    kind = _OPENAI_STYLE_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+
+
+def detail_body(error: ErrorInfo) -> dict[str, Any]:
+    return {"detail": error.message if error.detail is None else error.detail}
+
+
+_SHAPES: dict[str, ErrorBody] = {}
+
+
+def register_error_shape(prefix: str, body: ErrorBody) -> None:
+    """Paths equal to ``prefix`` or under ``prefix/`` render their errors with ``body``."""
+    _SHAPES[prefix.rstrip("/")] = body
+
+
+def error_body_for(path: str) -> ErrorBody:
+    best = -1
+    shape: ErrorBody = detail_body
+    for prefix, body in _SHAPES.items():
+        if (path == prefix or path.startswith(prefix + "/")) and len(prefix) > best:
+            best, shape = len(prefix), body
+    return shape
 
 
 class ApiError(Exception):
@@ -68,10 +117,6 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
-def is_v1_path(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
-
-
 def render_error(
     path: str,
     status: int,
@@ -82,17 +127,7 @@ def render_error(
     headers: Mapping[str, str] | None = None,
     seed_detail: Any = None,
 ) -> JSONResponse:
-    if is_v1_path(path):
-        body: dict[str, Any] = {
-            "error": {
-                "message": message,
-                "type": _V1_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                "param": param,
-                "code": code,
-            }
-        }
-    else:
-        body = {"detail": message if seed_detail is None else seed_detail}
+    body = error_body_for(path)(ErrorInfo(status, message, code, param, seed_detail))
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 

@@ -4,12 +4,36 @@ paths: a model served from a local folder appears by the folder's name."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
-from moondream_server.api.schemas import HealthResponse, ReadyResponse
 from moondream_server.engine.base import Engine
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    ready: bool
+    model_loaded: bool
+    model: str
+    revision: str | None
+    device: str
+    dtype: str
+    engine: str
+    queue_depth: int | None = Field(None, description="Requests waiting for the model.")
+    requests: dict[str, int] | None = Field(
+        None,
+        description="Engine counters: completed, failed, interrupted (cancelled/deadline), expired_in_queue.",
+    )
+    error: str | None = Field(None, description="Why loading failed, if it did.")
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    detail: str | None = None
+
 
 router = APIRouter(tags=["health"])
 

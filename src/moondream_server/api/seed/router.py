@@ -1,4 +1,4 @@
-"""The original (seed) routes: JSON ``POST /caption|query|detect|point`` and multipart
+"""Routes of the seed surface: JSON ``POST /caption|query|detect|point`` and multipart
 ``POST /upload/caption|query|detect|point``.
 
 Success: ``{"status": "success", "caption"|"answer"|"detections"|"coordinates": ...}``;
@@ -7,30 +7,28 @@ errors: ``{"detail": "..."}`` with a real 4xx/5xx status.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from PIL import Image
-from pydantic import ValidationError
 
+from moondream_server.api import serving
+from moondream_server.api.app_state import ready_engine
 from moondream_server.api.auth import require_api_key
-from moondream_server.api.common import (
-    SSE_RESPONSE,
+from moondream_server.api.image_input import image_from_bytes, image_from_string
+from moondream_server.api.moondream_sse import SSE_RESPONSE, chunk_stream
+from moondream_server.api.moondream_wire import (
+    CaptionLengthField,
+    SettingsIn,
     boxes_out,
-    check_spatial_refs,
-    decode_bytes,
-    decode_string,
-    error_responses,
-    get_engine,
-    new_request_id,
+    engine_settings,
     points_out,
     reasoning_out,
 )
-from moondream_server.api.schemas import (
-    CaptionLengthField,
+from moondream_server.api.openapi_docs import error_responses
+from moondream_server.api.seed.forms import parse_settings, parse_spatial_refs
+from moondream_server.api.seed.protocol import (
     CaptionRequest,
     CaptionResponse,
     Coordinates,
@@ -41,10 +39,8 @@ from moondream_server.api.schemas import (
     QueryRequest,
     QueryResponse,
     SeedErrorBody,
-    SettingsIn,
-    engine_settings,
 )
-from moondream_server.api.sse import single_piece, stream_response
+from moondream_server.api.spatial_refs import check_spatial_refs
 from moondream_server.engine.types import SpatialRef
 
 router = APIRouter(tags=["seed"], dependencies=[Depends(require_api_key)])
@@ -62,11 +58,12 @@ async def _caption(
     stream: bool,
     settings: SettingsIn | None,
 ) -> CaptionResponse | Response:
-    engine = get_engine(request)
-    rid = new_request_id("caption")
+    engine = ready_engine(request)
+    job = serving.CaptionJob(image, length, engine_settings(settings))
+    rid = serving.new_request_id("caption")
     if stream:
-        return await stream_response(engine.stream_caption(image, length, engine_settings(settings)), rid)
-    result = await engine.caption(image, length, engine_settings(settings))
+        return chunk_stream(await serving.stream(engine, job), rid)
+    result = await serving.run(engine, job)
     return CaptionResponse(request_id=rid, caption=result.text)
 
 
@@ -79,36 +76,31 @@ async def _query(
     refs: list[SpatialRef],
     settings: SettingsIn | None,
 ) -> QueryResponse | Response:
-    engine = get_engine(request)
-    rid = new_request_id("query")
-    es = engine_settings(settings)
-    if stream and not reasoning:
-        return await stream_response(
-            engine.stream_query(image, question, spatial_refs=refs, settings=es), rid
-        )
-    result = await engine.query(image, question, reasoning=reasoning, spatial_refs=refs, settings=es)
+    engine = ready_engine(request)
+    job = serving.QueryJob(image, question, reasoning, refs, engine_settings(settings))
+    rid = serving.new_request_id("query")
     if stream:
-        return await stream_response(single_piece(result.text), rid)
+        return chunk_stream(await serving.stream(engine, job), rid)
+    result = await serving.run(engine, job)
     return QueryResponse(request_id=rid, answer=result.text, reasoning=reasoning_out(result.reasoning))
 
 
 async def _detect(
     request: Request, image: Image.Image, obj: str, settings: SettingsIn | None
 ) -> DetectResponse:
-    result = await get_engine(request).detect(image, obj, engine_settings(settings))
-    return DetectResponse(
-        request_id=new_request_id("detect"),
-        detections=boxes_out(result.objects),
-    )
+    job = serving.DetectJob(image, obj, engine_settings(settings))
+    result = await serving.run(ready_engine(request), job)
+    return DetectResponse(request_id=serving.new_request_id("detect"), detections=boxes_out(result.objects))
 
 
 async def _point(
     request: Request, image: Image.Image, obj: str, settings: SettingsIn | None
 ) -> PointResponse:
-    result = await get_engine(request).point(image, obj, engine_settings(settings))
+    job = serving.PointJob(image, obj, engine_settings(settings))
+    result = await serving.run(ready_engine(request), job)
     points = points_out(result.points)
     return PointResponse(
-        request_id=new_request_id("point"), coordinates=Coordinates(points=points, count=len(points))
+        request_id=serving.new_request_id("point"), coordinates=Coordinates(points=points, count=len(points))
     )
 
 
@@ -122,8 +114,8 @@ async def _point(
     summary="Caption an image",
 )
 async def caption(body: CaptionRequest, request: Request) -> CaptionResponse | Response:
-    get_engine(request)
-    image = await decode_string(request, body.image, "image")
+    ready_engine(request)
+    image = await image_from_string(request, body.image, "image")
     return await _caption(request, image, body.length, body.stream, body.settings)
 
 
@@ -135,9 +127,9 @@ async def caption(body: CaptionRequest, request: Request) -> CaptionResponse | R
     summary="Answer a question about an image",
 )
 async def query(body: QueryRequest, request: Request) -> QueryResponse | Response:
-    get_engine(request)
+    ready_engine(request)
     refs = check_spatial_refs(body.spatial_refs, has_image=True)
-    image = await decode_string(request, body.image, "image")
+    image = await image_from_string(request, body.image, "image")
     return await _query(request, image, body.question, body.stream, body.reasoning, refs, body.settings)
 
 
@@ -145,16 +137,16 @@ async def query(body: QueryRequest, request: Request) -> QueryResponse | Respons
     "/detect", response_model=DetectResponse, responses=_ERRORS, summary="Find bounding boxes of an object"
 )
 async def detect(body: DetectRequest, request: Request) -> DetectResponse:
-    get_engine(request)
-    image = await decode_string(request, body.image, "image")
+    ready_engine(request)
+    image = await image_from_string(request, body.image, "image")
     return await _detect(request, image, body.object, body.settings)
 
 
 @router.post("/point", response_model=PointResponse, responses=_ERRORS, summary="Find points on an object")
 async def point(body: PointRequest, request: Request) -> PointResponse:
-    get_engine(request)
+    ready_engine(request)
     check_spatial_refs(body.spatial_refs, has_image=True)
-    image = await decode_string(request, body.image, "image")
+    image = await image_from_string(request, body.image, "image")
     return await _point(request, image, body.object, body.settings)
 
 
@@ -167,43 +159,10 @@ _SettingsField = Annotated[
 ]
 
 
-def _parse_settings(raw: str | None) -> SettingsIn | None:
-    if raw is None or not raw.strip():
-        return None
-    try:
-        return SettingsIn.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = [{**e, "loc": ("body", "settings", *e["loc"])} for e in exc.errors(include_input=False)]
-        raise RequestValidationError(errors) from None
-
-
-def _parse_refs(raw: str | None) -> list[SpatialRef]:
-    if raw is None or not raw.strip():
-        return []
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = None
-    if not isinstance(value, list) or not all(
-        isinstance(r, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in r)
-        for r in value
-    ):
-        raise RequestValidationError(
-            [
-                {
-                    "type": "list_type",
-                    "loc": ("body", "spatial_refs"),
-                    "msg": "must be a JSON list of number lists",
-                }
-            ]
-        )
-    return check_spatial_refs(value, has_image=True)
-
-
 async def _read_upload(request: Request, file: UploadFile) -> Image.Image:
-    get_engine(request)
+    ready_engine(request)
     data = await file.read()
-    return await decode_bytes(request, data, "file")
+    return await image_from_bytes(request, data, "file")
 
 
 @router.post(
@@ -219,7 +178,7 @@ async def upload_caption(
     stream: Annotated[bool, Form()] = False,
     settings: _SettingsField = None,
 ) -> CaptionResponse | Response:
-    parsed = _parse_settings(settings)
+    parsed = parse_settings(settings)
     image = await _read_upload(request, file)
     return await _caption(request, image, length, stream, parsed)
 
@@ -240,8 +199,8 @@ async def upload_query(
     spatial_refs: Annotated[str | None, Form(description="JSON list, e.g. [[0.5, 0.5]].")] = None,
     settings: _SettingsField = None,
 ) -> QueryResponse | Response:
-    parsed = _parse_settings(settings)
-    refs = _parse_refs(spatial_refs)
+    parsed = parse_settings(settings)
+    refs = parse_spatial_refs(spatial_refs)
     image = await _read_upload(request, file)
     return await _query(request, image, question, stream, reasoning, refs, parsed)
 
@@ -255,7 +214,7 @@ async def upload_detect(
     object: Annotated[str, Form(min_length=1)],
     settings: _SettingsField = None,
 ) -> DetectResponse:
-    parsed = _parse_settings(settings)
+    parsed = parse_settings(settings)
     image = await _read_upload(request, file)
     return await _detect(request, image, object, parsed)
 
@@ -269,6 +228,6 @@ async def upload_point(
     object: Annotated[str, Form(min_length=1)],
     settings: _SettingsField = None,
 ) -> PointResponse:
-    parsed = _parse_settings(settings)
+    parsed = parse_settings(settings)
     image = await _read_upload(request, file)
     return await _point(request, image, object, parsed)
