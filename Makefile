@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 ARGS ?=
 
-.PHONY: run test setup lint typecheck bench clean
+.PHONY: run test setup lint typecheck bench clean chromium
 
 # The server alone: what `make run` needs.
 $(VENV)/.installed: pyproject.toml
@@ -34,7 +34,14 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.dev-installed lint
+# The playground's browser test drives Debian's chromium (Playwright never downloads one). Install it
+# where we may: as root with apt-get (CI). Elsewhere, without it, that test skips and says why.
+chromium:
+	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "could not install chromium: the playground's browser test will skip"
+
+test: $(VENV)/.dev-installed lint chromium
 	$(PY) -m pytest
 
 bench: $(VENV)/.dev-installed

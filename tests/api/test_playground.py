@@ -1,0 +1,358 @@
+"""The playground in a real browser: headless Chromium (Debian's package, driven by Playwright for
+Python; no browser is downloaded) against a live server with the tiny checkpoint.
+
+What the page shows is checked against what the API answers to the same request sent with httpx:
+the boxes and points drawn over the image must sit where those coordinates say on the image's
+rendered rectangle, the listed coordinates must be those numbers, and a streamed answer must arrive
+piece by piece (the same pieces as the SSE stream) and end equal to the non-streamed greedy answer.
+
+``PLAYGROUND_SCREENSHOT=path.png`` saves the screenshot there as well (docs/playground.png is made so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+
+from tests.api.support import IMAGES, LiveServer, file_data_url, tiny_settings
+
+IMG2 = IMAGES[1]  # 640 × 480: not square, so a swapped x/y shows
+assert IMG2.name == "img2.png"
+OBJECT = "cat"
+MAX_OBJECTS = 4
+QUESTION = "What is in this image?"
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+# Layout is in fractional CSS pixels; an error of a pixel would be a visible misplacement.
+TOLERANCE_PX = 0.75
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
+
+
+def find_chromium() -> str | None:
+    configured = os.environ.get("CHROMIUM")
+    if configured:
+        return configured
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip(
+            "no Chromium on this machine: install Debian's `chromium` package (`make test` does, "
+            "as root where apt-get is available) or set CHROMIUM=/path/to/chromium"
+        )
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=executable, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def open_page(browser: Browser) -> Iterator[Callable[..., Page]]:
+    """A fresh page on a server's playground. Any script error in the page fails the test, and so
+    does any failed request except those with the statuses the test expects to provoke."""
+    contexts = []
+    errors: list[str] = []
+
+    def open_(server: LiveServer, expected_statuses: tuple[int, ...] = ()) -> Page:
+        context = browser.new_context(viewport={"width": 1000, "height": 760}, device_scale_factor=1)
+        contexts.append(context)
+        page = context.new_page()
+        expected = tuple(f"the server responded with a status of {s} " for s in expected_statuses)
+
+        def on_console(msg: ConsoleMessage) -> None:
+            if msg.type == "error" and not any(e in msg.text for e in expected):
+                errors.append(f"console: {msg.text}")
+
+        page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+        page.on("console", on_console)
+        page.goto(server.base_url + "/")
+        page.wait_for_selector("#server-status[data-state=ready]")
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert errors == []
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def choose_image(page: Page, path: Path) -> None:
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#stage:not([hidden])")
+
+
+def choose_skill(page: Page, skill: str) -> None:
+    page.check(f"input[name=skill][value={skill}]")
+
+
+def open_settings(page: Page) -> None:
+    if page.get_attribute("details.settings", "open") is None:
+        page.click("details.settings > summary")
+
+
+def run_and_wait(page: Page) -> str:
+    page.click("#run")
+    # A selector, not a JS predicate: the page's CSP (kept on in the test) forbids eval.
+    page.wait_for_selector("#result:is([data-state=done], [data-state=error], [data-state=stopped])")
+    return str(page.get_attribute("#result", "data-state"))
+
+
+def run_ok(page: Page) -> None:
+    state = run_and_wait(page)
+    assert state == "done", page.text_content("#error")
+
+
+def image_rect(page: Page) -> dict[str, float]:
+    rect: dict[str, float] = page.eval_on_selector(
+        "#image",
+        "e => { const r = e.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height}; }",
+    )
+    return rect
+
+
+def shape_rects(page: Page, selector: str) -> list[dict[str, float]]:
+    rects: list[dict[str, float]] = page.eval_on_selector_all(
+        selector,
+        "es => es.map(e => { const r = e.getBoundingClientRect(); "
+        "return {x: r.x, y: r.y, w: r.width, h: r.height, i: Number(e.dataset.index)}; })",
+    )
+    return sorted(rects, key=lambda r: r["i"])
+
+
+def table_rows(page: Page) -> list[list[str]]:
+    rows: list[list[str]] = page.eval_on_selector_all(
+        "#coords-body tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+    )
+    return rows
+
+
+def timing_ms(page: Page, key: str) -> int:
+    text = page.text_content(f"#timings dd[data-key={key}]")
+    assert text is not None and text.endswith(" ms"), text
+    return int(text.removesuffix(" ms").replace(",", ""))
+
+
+def api(server: LiveServer, route: str, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    with server.client(**kwargs) as client:
+        r = client.post(route, json=body)
+    assert r.status_code == 200, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def sse_chunks(server: LiveServer, route: str, body: dict[str, Any]) -> list[str]:
+    chunks: list[str] = []
+    with server.client() as client, client.stream("POST", route, json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                event = json.loads(line.removeprefix("data:").strip())
+                if event["chunk"]:
+                    chunks.append(event["chunk"])
+    return chunks
+
+
+def record_answer_pieces(page: Page) -> None:
+    """Record each piece of text added to the answer, as it is added."""
+    page.evaluate(
+        """() => {
+        window.__pieces = [];
+        new MutationObserver(records => {
+          for (const r of records) for (const n of r.addedNodes) window.__pieces.push(n.textContent);
+        }).observe(document.getElementById('answer'), {childList: true});
+      }"""
+    )
+
+
+def save_screenshot(page: Page, tmp_path: Path) -> None:
+    shot = page.screenshot(full_page=True)
+    (tmp_path / "playground.png").write_bytes(shot)
+    extra = os.environ.get("PLAYGROUND_SCREENSHOT")
+    if extra:
+        Path(extra).write_bytes(shot)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_page_and_assets_are_served(server: LiveServer) -> None:
+    with server.client() as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        for asset, mime in (
+            ("/static/playground.js", "javascript"),
+            ("/static/playground.css", "css"),
+        ):
+            r = client.get(asset)
+            assert r.status_code == 200 and mime in r.headers["content-type"], asset
+            assert asset in page.text
+        # Only the playground's own paths are claimed: other unknown paths keep the JSON 404.
+        missing = client.get("/no-such-route")
+        assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+        assert client.get("/static/no-such-file.js").status_code == 404
+
+
+def test_detect_point_and_streamed_answers(
+    server: LiveServer, open_page: Callable[..., Page], tmp_path: Path
+) -> None:
+    page = open_page(server)
+    assert "ready" in (page.text_content("#server-status") or "")
+
+    # Nothing to work on yet: the page says so instead of sending a request.
+    choose_skill(page, "detect")
+    assert run_and_wait(page) == "error"
+    assert page.text_content("#error") == "Choose an image first."
+
+    choose_image(page, IMG2)
+    assert "640 × 480" in (page.text_content("#image-info") or "")
+    image_url = file_data_url(IMG2)
+
+    # ---- point
+    choose_skill(page, "point")
+    page.fill("#object", OBJECT)
+    open_settings(page)
+    page.fill("#max-objects", str(MAX_OBJECTS))
+    with page.expect_request("**/v1/point") as sent:
+        run_ok(page)
+    assert sent.value.post_data_json == {
+        "image_url": image_url,
+        "object": OBJECT,
+        "settings": {"max_objects": MAX_OBJECTS},
+    }
+    points = api(
+        server,
+        "/v1/point",
+        {"image_url": image_url, "object": OBJECT, "settings": {"max_objects": MAX_OBJECTS}},
+    )["points"]
+    assert points, "the tiny model points at something in img2 (see expected.json)"
+    img = image_rect(page)
+    assert img["w"] < 640, "the image must be drawn scaled for the geometry check to mean something"
+    assert img["w"] / img["h"] == pytest.approx(640 / 480, abs=0.01)
+    circles = shape_rects(page, "#overlay circle.point")
+    assert len(circles) == len(points)
+    for circle, p in zip(circles, points, strict=True):
+        assert circle["x"] + circle["w"] / 2 == pytest.approx(img["x"] + p["x"] * img["w"], abs=TOLERANCE_PX)
+        assert circle["y"] + circle["h"] / 2 == pytest.approx(img["y"] + p["y"] * img["h"], abs=TOLERANCE_PX)
+    assert table_rows(page) == [[str(i + 1), f"{p['x']:.3f}", f"{p['y']:.3f}"] for i, p in enumerate(points)]
+    assert timing_ms(page, "total") >= 0
+
+    # ---- detect
+    choose_skill(page, "detect")
+    run_ok(page)
+    objects = api(
+        server,
+        "/v1/detect",
+        {"image_url": image_url, "object": OBJECT, "settings": {"max_objects": MAX_OBJECTS}},
+    )["objects"]
+    assert len(objects) >= 2
+    img = image_rect(page)
+    rects = shape_rects(page, "#overlay rect.box")
+    assert len(rects) == len(objects)
+    for rect, b in zip(rects, objects, strict=True):
+        assert rect["x"] == pytest.approx(img["x"] + b["x_min"] * img["w"], abs=TOLERANCE_PX)
+        assert rect["y"] == pytest.approx(img["y"] + b["y_min"] * img["h"], abs=TOLERANCE_PX)
+        assert rect["x"] + rect["w"] == pytest.approx(img["x"] + b["x_max"] * img["w"], abs=TOLERANCE_PX)
+        assert rect["y"] + rect["h"] == pytest.approx(img["y"] + b["y_max"] * img["h"], abs=TOLERANCE_PX)
+    assert table_rows(page) == [
+        [str(i + 1), *(f"{b[k]:.3f}" for k in ("x_min", "y_min", "x_max", "y_max"))]
+        for i, b in enumerate(objects)
+    ]
+    save_screenshot(page, tmp_path)
+
+    # ---- query, streamed: the same pieces as the SSE stream, ending in the non-streamed answer
+    choose_skill(page, "query")
+    page.fill("#question", QUESTION)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(GREEDY["max_tokens"]))
+    assert page.is_checked("#stream")
+    body = {"image_url": image_url, "question": QUESTION, "settings": GREEDY}
+    expected = api(server, "/v1/query", body)["answer"]
+    expected_pieces = sse_chunks(server, "/v1/query", {**body, "stream": True})
+    assert len(expected_pieces) >= 2 and "".join(expected_pieces) == expected
+    record_answer_pieces(page)
+    with page.expect_response("**/v1/query") as answered:
+        run_ok(page)
+    assert answered.value.request.post_data_json == {**body, "stream": True}
+    assert answered.value.headers["content-type"].startswith("text/event-stream")
+    assert page.evaluate("window.__pieces") == expected_pieces
+    assert page.text_content("#answer") == expected
+    assert 0 <= timing_ms(page, "ttft") <= timing_ms(page, "total")
+
+    # ---- caption, streamed, then the same request not streamed
+    choose_skill(page, "caption")
+    page.select_option("#length", "short")
+    caption_body = {"image_url": image_url, "length": "short", "settings": GREEDY}
+    expected = api(server, "/v1/caption", caption_body)["caption"]
+    run_ok(page)
+    assert page.text_content("#answer") == expected
+    page.uncheck("#stream")
+    with page.expect_response("**/v1/caption") as answered:
+        run_ok(page)
+    assert answered.value.headers["content-type"] == "application/json"
+    assert page.text_content("#answer") == expected
+    assert timing_ms(page, "ttft") <= timing_ms(page, "total")
+
+
+def test_api_key_and_errors(
+    start_server: Callable[..., LiveServer], open_page: Callable[..., Page], tmp_path: Path
+) -> None:
+    key = "playground-key"
+    server = start_server(tiny_settings(api_keys=key))
+    page = open_page(server, expected_statuses=(401, 413))
+    choose_image(page, IMG2)
+    choose_skill(page, "detect")
+    page.fill("#object", OBJECT)
+
+    assert run_and_wait(page) == "error"
+    error = page.text_content("#error") or ""
+    assert error.startswith("Error 401: Invalid or missing API key"), error
+    assert page.is_visible("#error") and page.get_attribute("#error", "role") == "alert"
+    assert page.locator("#overlay rect").count() == 0
+
+    page.fill("#api-key", key)
+    with page.expect_request("**/v1/detect") as sent:
+        run_ok(page)
+    assert sent.value.headers["x-moondream-auth"] == key
+    assert not page.is_visible("#error")
+    expected = api(
+        server,
+        "/v1/detect",
+        {"image_url": file_data_url(IMG2), "object": OBJECT},
+        headers={"X-Moondream-Auth": key},
+    )["objects"]
+    assert page.locator("#overlay rect.box").count() == len(expected)
+
+    # The page checks what it can before sending...
+    open_settings(page)
+    page.fill("#max-objects", "5000")
+    choose_skill(page, "point")
+    assert run_and_wait(page) == "error"
+    assert (page.text_content("#error") or "").startswith("Max objects:")
+    page.fill("#max-objects", "")
+
+    # ...and shows the server's own message for what only the server can refuse.
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2000, 1001), "gray").save(big)  # over the test server's 2,000,000 pixels
+    choose_image(page, big)
+    assert run_and_wait(page) == "error"
+    error = page.text_content("#error") or ""
+    assert error.startswith("Error 413: ") and "pixels" in error, error
