@@ -305,8 +305,8 @@ function showAnswer(current, payload, started) {
     addTiming("Time to first token", ms(m.ttft_ms), "ttft");
   }
   addTiming("Total", ms(end - started), "total");
-  if (m) {
-    addTiming("Server: prefill / decode", `${ms(m.prefill_time_ms)} / ${ms(m.decode_time_ms)}`);
+  if (m) addTiming("Server: prefill / decode", `${ms(m.prefill_time_ms)} / ${ms(m.decode_time_ms)}`);
+  if (m && (current === "caption" || current === "query")) {
     addTiming("Tokens in / out", `${m.input_tokens} / ${m.output_tokens}`);
   }
 }
