@@ -340,4 +340,6 @@ def test_a_drained_stream_reports_finish_reason_and_token_counts(
         assert result.finish_reason == last.text.finish_reason
         assert result.metrics.output_tokens == len(last.text.tokens)
         assert result.metrics.input_tokens == last.prompt_tokens > 0
+        # the image's context positions, counted apart: BOS + one per vision patch
+        assert result.metrics.image_tokens == 1 + reference_model.config.vision.grid**2
     assert {r.finish_reason for _, r in got} == {"length", "stop"}  # both ends are exercised

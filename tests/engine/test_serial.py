@@ -55,12 +55,15 @@ def test_a_drained_stream_reports_finish_reason_and_token_counts(
             stream = engine.stream_query(image, "What is it?", spatial_refs=[], settings=greedy)
             assert stream.result is None
             pieces = [p async for p in stream]
+            text_only = await engine.query(None, "Why?", reasoning=False, spatial_refs=[], settings=greedy)
         finally:
             await engine.stop()
         assert stream.result is not None
         assert stream.result.finish_reason == last.text.finish_reason
         assert stream.result.metrics.output_tokens == len(last.text.tokens)
         assert stream.result.metrics.input_tokens == last.prompt_tokens > 0
+        assert stream.result.metrics.image_tokens == 1 + reference_model.config.vision.grid**2
         assert "".join(pieces) == last.text.text
+        assert text_only.metrics.image_tokens == 0 and text_only.metrics.input_tokens > 0
 
     asyncio.run(main())

@@ -216,6 +216,9 @@ class BatchedEngine:
         _, scheduler = self._parts()
         scheduler.check_capacity()
 
+    def _image_tokens(self, req: Request) -> int:
+        return 0 if req.image is None or self.runtime is None else self.runtime.prefix_len
+
     def _check_ready(self) -> ModelRuntime:
         runtime, _ = self._parts()
         if not self._ready:
@@ -309,7 +312,13 @@ class BatchedEngine:
                     raise value.error
                 text = _task_result(value).text
                 finish_reason = text.finish_reason if text is not None else "stop"
-                finish(TextResult(text="", finish_reason=finish_reason, metrics=_metrics(value)))
+                finish(
+                    TextResult(
+                        text="",
+                        finish_reason=finish_reason,
+                        metrics=_metrics(value, self._image_tokens(value)),
+                    )
+                )
                 return
         finally:
             req.cancel()
@@ -324,7 +333,9 @@ class BatchedEngine:
         result = _task_result(req)
         assert result.text is not None
         return TextResult(
-            text=result.text.text, finish_reason=result.text.finish_reason, metrics=_metrics(req)
+            text=result.text.text,
+            finish_reason=result.text.finish_reason,
+            metrics=_metrics(req, self._image_tokens(req)),
         )
 
     def stream_caption(
@@ -362,7 +373,7 @@ class BatchedEngine:
         return QueryResult(
             text=result.text.text,
             finish_reason=result.text.finish_reason,
-            metrics=_metrics(req),
+            metrics=_metrics(req, self._image_tokens(req)),
             reasoning=_reasoning(result) if reasoning else None,
         )
 
@@ -397,14 +408,14 @@ class BatchedEngine:
         boxes = [
             Box(float(o["x_min"]), float(o["y_min"]), float(o["x_max"]), float(o["y_max"])) for o in objects
         ]
-        return DetectResult(objects=boxes, metrics=_metrics(req))
+        return DetectResult(objects=boxes, metrics=_metrics(req, self._image_tokens(req)))
 
     async def point(self, image: Image.Image, obj: str, settings: SamplingSettings) -> PointResult:
         runtime = self._check_ready()
         sd = settings.as_model_settings()
         req = await self._call(image, lambda: runtime.region("point", obj, sd))
         points = [Point(float(p["x"]), float(p["y"])) for p in _task_result(req).objects]
-        return PointResult(points=points, metrics=_metrics(req))
+        return PointResult(points=points, metrics=_metrics(req, self._image_tokens(req)))
 
 
 def _validated(build: Callable[[], Program]) -> Program:
@@ -422,7 +433,7 @@ def _task_result(req: Request) -> TaskResult:
     return result
 
 
-def _metrics(req: Request) -> Metrics:
+def _metrics(req: Request, image_tokens: int) -> Metrics:
     result = req.result if isinstance(req.result, TaskResult) else TaskResult()
     start = req.started_at if req.started_at is not None else req.submitted_at
     first = req.first_output_at if req.first_output_at is not None else start
@@ -433,6 +444,7 @@ def _metrics(req: Request) -> Metrics:
         prefill_time_ms=_ms(first - start),
         decode_time_ms=_ms(end - first),
         ttft_ms=_ms(first - req.submitted_at),
+        image_tokens=image_tokens,
     )
 
 

@@ -295,11 +295,11 @@ class SerialEngine:
         finally:
             job.cancel.set()
 
-    def _stream(self, fn: Callable[[ModelLike], Iterator[str]]) -> TextStream:
-        return TextStream(lambda finish: self._pieces(fn, finish))
+    def _stream(self, fn: Callable[[ModelLike], Iterator[str]], *, with_image: bool = True) -> TextStream:
+        return TextStream(lambda finish: self._pieces(fn, finish, with_image))
 
     async def _pieces(
-        self, fn: Callable[[ModelLike], Iterator[str]], finish: Callable[[TextResult], None]
+        self, fn: Callable[[ModelLike], Iterator[str]], finish: Callable[[TextResult], None], with_image: bool
     ) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -332,7 +332,14 @@ class SerialEngine:
                 first = getattr(model, "last_first_output_at", None) or job.first_piece_at
                 if first is not None:
                     details["ttft_secs"] = first - t0
-                send("done", TextResult(text="", finish_reason=_finish(details), metrics=_metrics(details)))
+                send(
+                    "done",
+                    TextResult(
+                        text="",
+                        finish_reason=_finish(details),
+                        metrics=_metrics(details, with_image=with_image),
+                    ),
+                )
 
         job = _Job(run=run, deadline=time.monotonic() + self._timeout)
         job.on_drop = lambda e: send("error", e)
@@ -408,7 +415,7 @@ class SerialEngine:
         return QueryResult(
             text=text,
             finish_reason=_finish(det),
-            metrics=_metrics(det),
+            metrics=_metrics(det, with_image=image is not None),
             reasoning=_reasoning(raw_reasoning),
         )
 
@@ -425,7 +432,8 @@ class SerialEngine:
         return self._stream(
             lambda m: iter(
                 m.query(image=image, question=question, spatial_refs=refs, stream=True, settings=sd)["answer"]
-            )
+            ),
+            with_image=image is not None,
         )
 
     async def detect(self, image: Image.Image, obj: str, settings: SamplingSettings) -> DetectResult:
@@ -484,7 +492,7 @@ def _last_result(model: ModelLike) -> Any:
 
 def _details(model: ModelLike, secs: float) -> dict[str, Any]:
     """Token counts and finish reason of the call that just ran, read on the worker thread."""
-    out: dict[str, Any] = {"secs": secs}
+    out: dict[str, Any] = {"secs": secs, "prefix_len": int(getattr(model, "prefix_len", 0) or 0)}
     last = _last_result(model)
     if last is not None:
         out["input_tokens"] = int(getattr(last, "prompt_tokens", 0) or 0)
@@ -500,7 +508,7 @@ def _finish(details: Mapping[str, Any]) -> Any:
     return reason if reason in ("stop", "length") else "stop"
 
 
-def _metrics(details: Mapping[str, Any]) -> Metrics:
+def _metrics(details: Mapping[str, Any], *, with_image: bool = True) -> Metrics:
     """Token counts from the model; times measured on the worker around the call.
 
     ttft is the time to the first generated token (the model records when its prompt prefill
@@ -513,6 +521,7 @@ def _metrics(details: Mapping[str, Any]) -> Metrics:
         output_tokens=int(details.get("output_tokens", 0)),
         decode_time_ms=_ms(total - ttft),
         ttft_ms=_ms(ttft),
+        image_tokens=int(details.get("prefix_len", 0)) if with_image else 0,
     )
 
 

@@ -33,11 +33,12 @@ class SamplingSettings:
 
 @dataclass
 class Metrics:
-    input_tokens: int = 0
+    input_tokens: int = 0  # the text prompt's tokens
     output_tokens: int = 0
     prefill_time_ms: float = 0.0
     decode_time_ms: float = 0.0
     ttft_ms: float = 0.0
+    image_tokens: int = 0  # context positions the image took (0 for a text-only query)
 
 
 @dataclass
