@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,12 @@ def api(server: LiveServer, route: str, body: dict[str, Any], **kwargs: Any) -> 
         r = client.post(route, json=body)
     assert r.status_code == 200, r.text
     result: dict[str, Any] = r.json()
+    return result
+
+
+def health(server: LiveServer) -> dict[str, Any]:
+    with server.client() as client:
+        result: dict[str, Any] = client.get("/health").json()
     return result
 
 
@@ -356,3 +363,33 @@ def test_api_key_and_errors(
     assert run_and_wait(page) == "error"
     error = page.text_content("#error") or ""
     assert error.startswith("Error 413: ") and "pixels" in error, error
+
+
+def test_stop_ends_the_stream_and_the_generation(
+    start_server: Callable[..., LiveServer], open_page: Callable[..., Page], never_stop_checkpoint: Path
+) -> None:
+    # End-of-text is unreachable in this checkpoint: a long budget streams for many seconds.
+    server = start_server(tiny_settings(model=str(never_stop_checkpoint)))
+    page = open_page(server)
+    before = health(server)["requests"]
+    choose_image(page, IMG2)
+    choose_skill(page, "caption")
+    open_settings(page)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2000")
+    page.click("#run")
+    page.wait_for_selector("#result[data-state=streaming]")
+    assert page.get_attribute("#result", "aria-busy") == "true"
+    page.wait_for_function("() => document.getElementById('answer').childNodes.length >= 3")
+    page.click("#stop")
+    page.wait_for_selector("#result[data-state=stopped]")
+    assert page.get_attribute("#result", "aria-busy") == "false"
+    assert page.is_enabled("#run") and not page.is_visible("#stop")
+    shown = page.text_content("#answer") or ""
+    assert shown, "what had arrived stays on the page"
+    # The page closed the stream, and the server stopped generating instead of running to 2000.
+    deadline = time.monotonic() + 20
+    while health(server)["requests"]["interrupted"] == before["interrupted"]:
+        assert time.monotonic() < deadline, health(server)
+        time.sleep(0.1)
+    assert health(server)["requests"]["completed"] == before["completed"]

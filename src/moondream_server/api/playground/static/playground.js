@@ -11,6 +11,7 @@ const el = {
   dropzone: $("dropzone"),
   file: $("file"),
   stage: $("stage"),
+  frame: $("frame"),
   image: $("image"),
   overlay: $("overlay"),
   info: $("image-info"),
@@ -73,6 +74,7 @@ async function setImage(file) {
   // naturalWidth/Height follow the EXIF orientation, as the server's coordinates do.
   image = { dataUrl, name: file.name, width: el.image.naturalWidth, height: el.image.naturalHeight };
   el.image.alt = `The chosen image, ${file.name}`;
+  el.frame.style.setProperty("--aspect", String(image.width / image.height));
   el.overlay.setAttribute("viewBox", `0 0 ${image.width} ${image.height}`);
   el.overlay.setAttribute("preserveAspectRatio", "none");
   el.info.textContent = `${file.name} · ${image.width} × ${image.height} px · ${formatBytes(file.size)}`;
@@ -90,17 +92,19 @@ function formatBytes(n) {
 el.file.addEventListener("change", () => {
   if (el.file.files.length) setImage(el.file.files[0]);
 });
+// A file dropped anywhere on the page is taken (the browser would otherwise navigate to it).
 for (const type of ["dragenter", "dragover"]) {
-  el.dropzone.addEventListener(type, (event) => {
+  document.addEventListener(type, (event) => {
     event.preventDefault();
     el.dropzone.classList.add("over");
   });
 }
-for (const type of ["dragleave", "drop"]) {
-  el.dropzone.addEventListener(type, () => el.dropzone.classList.remove("over"));
-}
-el.dropzone.addEventListener("drop", (event) => {
+document.addEventListener("dragleave", (event) => {
+  if (!event.relatedTarget) el.dropzone.classList.remove("over");
+});
+document.addEventListener("drop", (event) => {
   event.preventDefault();
+  el.dropzone.classList.remove("over");
   const file = event.dataTransfer.files[0];
   if (file) setImage(file);
 });
@@ -455,6 +459,8 @@ function clearResult() {
 }
 
 function setRunning(running) {
+  // Screen readers announce the result once, when it is complete, not every streamed piece.
+  el.result.setAttribute("aria-busy", String(running));
   el.run.disabled = running;
   el.run.textContent = running ? "Running…" : "Run";
   el.stop.hidden = !running;
