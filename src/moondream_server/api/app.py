@@ -14,6 +14,7 @@ import moondream_server
 from moondream_server.api import health, metrics
 from moondream_server.api.auth import AuthMiddleware
 from moondream_server.api.cross_origin import CORSMiddleware, CrossOriginGuard, cors_middleware_options
+from moondream_server.api.decoder import ImageDecoder
 from moondream_server.api.errors import install_exception_handlers, register_error_shape
 from moondream_server.api.images import configure_pillow
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
@@ -43,6 +44,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
         engine = create_engine(settings)
     configure_pillow(settings.max_image_pixels)
+    decoder = ImageDecoder(
+        max_pixels=settings.max_image_pixels,
+        max_side=settings.max_image_side,
+        workers=settings.image_decode_threads,
+        inflight_pixels=settings.max_inflight_image_pixels,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +64,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 with contextlib.suppress(BaseException):
                     await task
             await engine.stop()
+            decoder.close()
 
     app = FastAPI(
         title="moondream-server",
@@ -67,6 +75,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.image_decoder = decoder
     app.state.api_keys = keys = settings.resolved_api_keys()
     if keys:
         where = "open" if settings.public_metrics else "behind the keys"

@@ -177,6 +177,12 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     async def on_image_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ImageError)
+        if exc.status == 429:  # the in-flight pixel budget: overload, like a full queue
+            estimate = getattr(request.app.state.engine, "retry_after_s", None)
+            headers = _retry_after(estimate() if callable(estimate) else 1.0)
+            return render_error(
+                request.url.path, 429, exc.message, code="image_budget_full", param=exc.param, headers=headers
+            )
         code = "image_too_large" if exc.status == 413 else "invalid_image"
         return render_error(request.url.path, exc.status, exc.message, code=code, param=exc.param)
 

@@ -1,22 +1,34 @@
-"""A request's image, decoded on a worker thread (never on the event loop) under the app's pixel limit."""
+"""A request's image, decoded by the app's bounded decoder (``api/decoder.py``), never on the event loop.
+
+The engine's capacity is checked again right before the decode: a request the queue cannot take
+is refused (429) before its image costs anything.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import Request
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
-from moondream_server.api.app_state import app_settings
-from moondream_server.api.images import decode_image_bytes, decode_image_string
+from moondream_server.api.decoder import ImageDecoder
+
+
+def _decoder(request: Request) -> ImageDecoder:
+    decoder: ImageDecoder = request.app.state.image_decoder
+    return decoder
+
+
+def _admission(request: Request) -> Callable[[], None] | None:
+    check: Callable[[], None] | None = getattr(request.app.state.engine, "check_capacity", None)
+    return check if callable(check) else None
 
 
 async def image_from_string(request: Request, value: str, param: str) -> Image.Image:
-    """From a data URL or bare base64; ImageError (400/413) names ``param``."""
-    max_pixels = app_settings(request).max_image_pixels
-    return await run_in_threadpool(decode_image_string, value, max_pixels=max_pixels, param=param)
+    """From a data URL or bare base64; ImageError (400/413/429) names ``param``."""
+    return await _decoder(request).decode_string(value, param=param, admit=_admission(request))
 
 
 async def image_from_bytes(request: Request, data: bytes, param: str) -> Image.Image:
     """From an uploaded file's bytes."""
-    max_pixels = app_settings(request).max_image_pixels
-    return await run_in_threadpool(decode_image_bytes, data, max_pixels=max_pixels, param=param)
+    return await _decoder(request).decode_bytes(data, param=param, admit=_admission(request))
