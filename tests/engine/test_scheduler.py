@@ -567,3 +567,39 @@ def test_retry_after_follows_how_long_requests_hold_a_slot() -> None:
         s.submit(req(counting_program(9, prompt=1, tokens=1)))
     # 4 will wait, served 2 at a time, ~10 s each: the queue has drained in about 20 s
     assert info.value.retry_after_s == 20.0
+
+
+def test_retry_after_before_anything_finished_is_the_running_requests_age() -> None:
+    s, _, clock = make(max_batch_size=2, max_queue=2)
+    for i in (1, 2):
+        s.submit(req(counting_program(i, prompt=1, tokens=100)))
+    s.run_once()  # both take their slots ...
+    clock.now += 30.0  # ... and are still running 30 s later
+    for i in (3, 4):
+        s.submit(req(counting_program(i, prompt=1, tokens=1)))
+    with pytest.raises(QueueFullError) as info:
+        s.submit(req(counting_program(5, prompt=1, tokens=1)))
+    # No request has finished, but each slot has been held 30 s already: not "retry in 1 s".
+    assert info.value.retry_after_s == 30.0
+    assert s.retry_after_s() == 30.0
+
+
+def test_retry_after_never_exceeds_the_waiting_requests_deadlines() -> None:
+    s, rt, clock = make(max_batch_size=1, max_queue=2)
+    forward = rt.forward
+
+    def slow_forward(items: Any) -> Any:  # every step takes 100 s of (fake) time
+        clock.now += 100.0
+        return forward(items)
+
+    rt.forward = slow_forward  # type: ignore[method-assign]
+    s.submit(req(counting_program(1, prompt=1, tokens=1)))
+    drain(s)  # a slot is held ~200 s
+    s.submit(req(counting_program(2, prompt=1, tokens=50)))
+    s.run_once()
+    for i in (3, 4):
+        s.submit(req(counting_program(i, prompt=1, tokens=1), deadline=clock.now + 45.0))
+    with pytest.raises(QueueFullError) as info:
+        s.submit(req(counting_program(5, prompt=1, tokens=1)))
+    # 2 waiting x ~200 s, but both have left (served or expired) within 45 s.
+    assert info.value.retry_after_s == 45.0

@@ -15,6 +15,7 @@ from moondream_server.api import health, metrics
 from moondream_server.api.auth import AuthMiddleware
 from moondream_server.api.cross_origin import CORSMiddleware, CrossOriginGuard, cors_middleware_options
 from moondream_server.api.decoder import ImageDecoder
+from moondream_server.api.disconnect import CancelOnDisconnectMiddleware
 from moondream_server.api.errors import install_exception_handlers, register_error_shape
 from moondream_server.api.images import configure_pillow
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
@@ -89,6 +90,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.include_router(surface.router)
         if surface.error_prefix is not None and surface.error_body is not None:
             register_error_shape(surface.error_prefix, surface.error_body)
+    # Innermost: cancels a route's work when its client leaves before the response starts.
+    app.add_middleware(CancelOnDisconnectMiddleware)
     # Added last = outermost. Paths are normalised before anything looks at them; the Host and
     # Origin checks and the key come before a byte of the body is read; CORS sits outside the
     # key check so that preflights (which carry no key) and 401s get their CORS headers.

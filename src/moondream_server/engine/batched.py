@@ -209,6 +209,10 @@ class BatchedEngine:
             raise NotReadyError()
         return self.runtime, self.scheduler
 
+    def retry_after_s(self) -> float:
+        """Seconds a client refused for overload should wait: the scheduler's measured drain."""
+        return self.scheduler.retry_after_s() if self.scheduler is not None else 1.0
+
     def check_capacity(self) -> None:
         """Raise now what a submission would raise at admission (the API calls this before
         decoding an image, so a full queue costs nothing)."""

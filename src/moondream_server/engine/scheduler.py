@@ -164,7 +164,7 @@ class Scheduler:
         self._inflight: dict[Hashable, _Seq] = {}  # image key -> the seq encoding it
         self._purged: list[Request] = []  # cancelled while waiting, dropped by submit()
         self._job: tuple[VisionJob, list[_Seq]] | None = None  # the vision job under way
-        self._service_s: float | None = None  # moving average of a completed request's time in a slot
+        self._slot_times: collections.deque[float] = collections.deque(maxlen=16)  # completed, recent
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -211,13 +211,30 @@ class Scheduler:
             (self._purged if r.cancelled else keep).append(r)
         self._waiting = keep  # the scheduler thread finishes the purged ones at its next reap
 
+    def retry_after_s(self) -> float:
+        """What a refused client is told to wait (see ``_retry_after_locked``)."""
+        with self._cond:
+            return self._retry_after_locked()
+
     def _retry_after_locked(self) -> float:
-        """Seconds until the queue ahead has drained: served max_batch_size at a time (1 to 60)."""
-        if self._service_s is None:
-            return 1.0
+        """Seconds until the requests waiting now have all left the queue (at least 1).
+
+        Measured drain: they get slots ``max_batch_size`` at a time, each slot held for the mean
+        of the recent measured times in a slot (before any finished: the age of the oldest active
+        request, a lower bound). Bounded by the deadline: every waiting request has left by its
+        own deadline at the latest, served or expired.
+        """
+        now = self.clock()
         ahead = max(0, len(self._waiting) - self._free_slots())
-        estimate = self._service_s * ahead / self.max_batch_size
-        return float(min(max(round(estimate), 1), 60))
+        if self._slot_times:
+            per_slot = sum(self._slot_times) / len(self._slot_times)
+        else:
+            started = [s.req.started_at for s in self._active if s.req.started_at is not None]
+            per_slot = now - min(started) if started else 0.0
+        estimate = per_slot * -(-ahead // self.max_batch_size)  # whole rounds of the batch
+        if self._waiting:
+            estimate = min(estimate, max(r.deadline for r in self._waiting) - now)
+        return max(estimate, 1.0)
 
     @property
     def queue_depth(self) -> int:
@@ -612,8 +629,7 @@ class Scheduler:
         if error is None:
             self.stats.completed += 1
             if req.started_at is not None:
-                took = req.finished_at - req.started_at
-                self._service_s = took if self._service_s is None else 0.8 * self._service_s + 0.2 * took
+                self._slot_times.append(req.finished_at - req.started_at)
         elif isinstance(error, CancelledRequestError):
             self.stats.cancelled += 1
         elif isinstance(error, DeadlineExceededError):
