@@ -57,7 +57,8 @@ def redact_paths(text: str, model: str) -> str:
 
 
 def _load_error(request: Request) -> str | None:
-    error = getattr(request.app.state.engine, "load_error", None)
+    engine: Engine = request.app.state.engine
+    error = engine.load_error
     return None if error is None else redact_paths(str(error), request.app.state.settings.model)
 
 
@@ -66,8 +67,6 @@ def _health(request: Request) -> HealthResponse:
     info = engine.info
     ready = engine.is_ready()
     error = _load_error(request)
-    depth = getattr(engine, "queue_depth", None)
-    stats = getattr(engine, "stats", None)
     return HealthResponse(
         ready=ready,
         model_loaded=ready,
@@ -76,8 +75,8 @@ def _health(request: Request) -> HealthResponse:
         device=info.device,
         dtype=info.dtype,
         engine=request.app.state.settings.engine,
-        queue_depth=depth if isinstance(depth, int) else None,
-        requests=dict(stats) if isinstance(stats, dict) else None,
+        queue_depth=engine.queue_depth,
+        requests=dict(engine.stats),
         error=error,
     )
 

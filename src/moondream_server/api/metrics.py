@@ -33,13 +33,8 @@ async def metrics(request: Request) -> PlainTextResponse:
         )
 
     gauge("ready", 1 if engine.is_ready() else 0, "1 when the model is loaded and warmed up.")
-    depth = getattr(engine, "queue_depth", None)
-    if isinstance(depth, int):
-        gauge("queue_depth", depth, "Requests waiting for the model.")
-    stats = getattr(engine, "stats", None)
-    if isinstance(stats, dict):
-        for key, value in sorted(stats.items()):
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                # Counters and gauges share one family per key; the engine's names say which.
-                gauge(f"engine_{key}", value, f"Engine figure '{key}' (see /health 'requests').")
+    gauge("queue_depth", engine.queue_depth, "Requests waiting for the model.")
+    for key, value in sorted(engine.stats.items()):
+        # Counters and gauges share one family per key; the engine's names say which.
+        gauge(f"engine_{key}", value, f"Engine figure '{key}' (see /health 'requests').")
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

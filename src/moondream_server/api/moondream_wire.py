@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moondream_server.engine.types import Box, Metrics, Point, Reasoning, SamplingSettings
+from moondream_server.engine.params import MAX_OBJECTS, MAX_TOKENS, TEMPERATURE, TOP_P, SamplingSettings
+from moondream_server.engine.types import Box, Metrics, Point, Reasoning
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,21 @@ class SettingsIn(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    temperature: float | None = Field(None, ge=0.0, le=10.0, description="0 = greedy decoding.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1, le=8192, description="Most tokens to generate.")
-    max_objects: int | None = Field(None, ge=1, le=1000, description="detect/point: most objects.")
+    # The bounds are the engine's (one set, from the model): validated here and shown in OpenAPI.
+    temperature: float | None = Field(
+        None, ge=TEMPERATURE.ge, gt=TEMPERATURE.gt, le=TEMPERATURE.le, description="0 = greedy decoding."
+    )
+    top_p: float | None = Field(None, ge=TOP_P.ge, gt=TOP_P.gt, le=TOP_P.le)
+    max_tokens: int | None = Field(
+        None, ge=MAX_TOKENS.ge, gt=MAX_TOKENS.gt, le=MAX_TOKENS.le, description="Most tokens to generate."
+    )
+    max_objects: int | None = Field(
+        None,
+        ge=MAX_OBJECTS.ge,
+        gt=MAX_OBJECTS.gt,
+        le=MAX_OBJECTS.le,
+        description="detect/point: most objects.",
+    )
 
     def to_engine(self) -> SamplingSettings:
         return SamplingSettings(

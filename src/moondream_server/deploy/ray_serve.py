@@ -39,6 +39,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moondream_server.engine.base import Engine
 from moondream_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,11 +132,11 @@ class ReplicaHeaderMiddleware:
         await self.app(scope, receive, send_with_header)
 
 
-async def wait_until_ready(engine: Any, timeout_s: float) -> None:
+async def wait_until_ready(engine: Engine, timeout_s: float) -> None:
     """Return once ``engine.is_ready()``; raise if it failed to load or took too long."""
     deadline = time.monotonic() + timeout_s
     while not engine.is_ready():
-        error = getattr(engine, "load_error", None)
+        error = engine.load_error
         if error is not None:
             raise RuntimeError(f"the model failed to load: {error}") from error
         if time.monotonic() > deadline:

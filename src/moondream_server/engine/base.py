@@ -6,19 +6,17 @@ scheduler. Routes never know which one serves them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from PIL import Image
 
+from moondream_server.engine.params import CaptionLength, SamplingSettings, SpatialRef
 from moondream_server.engine.types import (
-    CaptionLength,
     DetectResult,
     EngineInfo,
     PointResult,
     QueryResult,
-    SamplingSettings,
-    SpatialRef,
     TextResult,
     TextStream,
 )
@@ -37,6 +35,27 @@ class Engine(Protocol):
         ...
 
     async def stop(self) -> None: ...
+
+    @property
+    def load_error(self) -> BaseException | None:
+        """Why loading (or warming up) failed; None while loading and once ready."""
+        ...
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the model."""
+        ...
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """Request counters for /health and /metrics: at least completed, failed, interrupted
+        (consumer gone or deadline passed) and expired_in_queue."""
+        ...
+
+    def check_capacity(self) -> None:
+        """Raise what admission would raise now (NotReadyError, QueueFullError), so the API can
+        refuse a request before decoding its image."""
+        ...
 
     async def caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings

@@ -235,14 +235,18 @@ class SerialEngine:
 
     def check_capacity(self) -> None:
         """Raise what admission would raise now (lets the API refuse before decoding an image)."""
+        self._check_ready()
         if self._queue.full():
             raise QueueFullError(f"the request queue is full ({self._max_queue} waiting)", retry_after_s=1.0)
 
-    def _admit(self, job: _Job) -> None:
+    def _check_ready(self) -> None:
         if not self.is_ready():
             if self.load_error is not None:
                 raise NotReadyError(f"the model failed to load: {self.load_error}", retry_after_s=60.0)
             raise NotReadyError()
+
+    def _admit(self, job: _Job) -> None:
+        self._check_ready()
         try:
             self._queue.put_nowait(job)
         except queue.Full:

@@ -9,26 +9,12 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-CaptionLength = Literal["short", "normal", "long"]
+# Request parameters live in engine/params.py; importable from here too.
+from moondream_server.engine.params import CaptionLength as CaptionLength
+from moondream_server.engine.params import SamplingSettings as SamplingSettings
+from moondream_server.engine.params import SpatialRef as SpatialRef
+
 FinishReason = Literal["stop", "length"]
-# A point (x, y) or a box (x_min, y_min, x_max, y_max), normalised to [0, 1].
-SpatialRef = tuple[float, float] | tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Per-request generation settings; None means the model's default."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    max_objects: int | None = None
-
-    def as_model_settings(self) -> dict[str, float | int]:
-        """The model's ``settings`` argument: only the keys the caller set."""
-        values = (("temperature", self.temperature), ("top_p", self.top_p))
-        counts = (("max_tokens", self.max_tokens), ("max_objects", self.max_objects))
-        return {k: v for k, v in (*values, *counts) if v is not None}
 
 
 @dataclass
