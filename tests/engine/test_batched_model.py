@@ -217,7 +217,7 @@ def test_invalid_requests_fail_alone(reference_model: Moondream, images: list[Im
     async def body(e: BatchedEngine) -> None:
         with pytest.raises(InvalidRequestError):
             await e.query(im, "x", reasoning=False, spatial_refs=[(2.0, 0.5)], settings=G)
-        with pytest.raises(InvalidRequestError):
+        with pytest.raises(ValueError, match="temperature"):  # settings are checked when built
             await e.caption(im, "normal", SamplingSettings(temperature=-1.0))
         good = asyncio.create_task(e.caption(im, "normal", G))
         with pytest.raises(InvalidRequestError, match="context"):
