@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 from fastapi import FastAPI
 
 from moondream_server.api import cli
@@ -72,16 +73,21 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_main_runs_uvicorn_with_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_run(app: Any, **kwargs: Any) -> None:
-        seen["app"] = app
-        seen.update(kwargs)
+    def fake_run(server: uvicorn.Server, *args: Any) -> None:
+        seen["app"] = server.config.app
+        seen["config"] = server.config
 
-    monkeypatch.setattr("moondream_server.api.cli.uvicorn.run", fake_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     cli.main(
-        ["--host", "0.0.0.0", "--port", "8123", "--model", "tests/fixtures/moondream2-tiny", "--api-key", "x"]
+        [
+            *("--host", "0.0.0.0", "--port", "8123", "--model", "tests/fixtures/moondream2-tiny"),
+            *("--api-key", "x", "--header-timeout", "3", "--keep-alive-timeout", "7"),
+        ]
     )
     assert isinstance(seen["app"], FastAPI)
-    assert (seen["host"], seen["port"]) == ("0.0.0.0", 8123)
+    config: uvicorn.Config = seen["config"]
+    assert (config.host, config.port, config.timeout_keep_alive) == ("0.0.0.0", 8123, 7)
+    assert getattr(config.http, "header_timeout_s", None) == 3
     assert seen["app"].state.settings.model == "tests/fixtures/moondream2-tiny"
     assert seen["app"].state.api_keys == {"x"}
 
@@ -150,7 +156,7 @@ def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
 def test_main_reports_bad_settings_without_a_traceback(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("moondream_server.api.cli.uvicorn.run", lambda *a, **k: pytest.fail("must not start"))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("must not start"))
     with pytest.raises(SystemExit) as caught:
         cli.main(["--port", "99999"])
     assert "port" in str(caught.value.code)

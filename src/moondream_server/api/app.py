@@ -95,7 +95,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     # Added last = outermost. Paths are normalised before anything looks at them; the Host and
     # Origin checks and the key come before a byte of the body is read; CORS sits outside the
     # key check so that preflights (which carry no key) and 401s get their CORS headers.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(AuthMiddleware, keys=keys, public_metrics=settings.public_metrics)
     origins = settings.cors_origin_set()
     if origins:

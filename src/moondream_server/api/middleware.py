@@ -5,11 +5,13 @@
   needs a redirect.
 * :class:`BodyLimitMiddleware` refuses bodies over the cap with 413: at once when
   ``Content-Length`` says so, and otherwise by counting the bytes as they stream in (chunked
-  uploads, lying headers).
+  uploads, lying headers). It also gives the whole body a deadline (408 after it): a client
+  that promises 100 bytes and sends 2 does not hold a request open forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -48,10 +50,16 @@ class BodyTooLargeError(HTTPException):
         super().__init__(413, f"the request body exceeds the limit of {limit:,} bytes")
 
 
+class BodyTimeoutError(HTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s")
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,38 +75,59 @@ class BodyLimitMiddleware:
                     await render_error(path, 400, "invalid Content-Length header")(scope, receive, send)
                     return
                 if declared > limit:
-                    await render_error(path, 413, BodyTooLargeError(limit).detail, code="request_too_large")(
-                        scope, receive, send
-                    )
+                    await render_error(
+                        path,
+                        413,
+                        BodyTooLargeError(limit).detail,
+                        code="request_too_large",
+                        headers={"Connection": "close"},
+                    )(scope, receive, send)
                     return
 
+        loop = asyncio.get_running_loop()
+        deadline = None if self.body_timeout_s is None else loop.time() + self.body_timeout_s
         received = 0
-        overflow = False
+        body_done = False
+        refusal: HTTPException | None = None  # our own answer, instead of whatever the app made of it
         started = False
 
-        async def limited_receive() -> Message:
-            nonlocal received, overflow
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, refusal, body_done
+            if body_done or deadline is None:
+                message = await receive()  # the body is in: only a disconnect can come
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    assert self.body_timeout_s is not None
+                    refusal = BodyTimeoutError(self.body_timeout_s)
+                    raise refusal from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
-                    overflow = True
-                    raise BodyTooLargeError(limit)
+                    refusal = BodyTooLargeError(limit)
+                    raise refusal
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if overflow:
-                return  # our own 413 goes out below instead of whatever the app made of it
+            if refusal is not None:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, guarded_send)
+            await self.app(scope, guarded_receive, guarded_send)
         except Exception:
-            if not overflow:
+            if refusal is None:
                 raise
-        if overflow and not started:
-            response = render_error(path, 413, BodyTooLargeError(limit).detail, code="request_too_large")
+        if refusal is not None and not started:
+            code = "request_too_large" if refusal.status_code == 413 else "request_timeout"
+            # The rest of the body is unread: close rather than parse it as the next request.
+            response = render_error(
+                path, refusal.status_code, refusal.detail, code=code, headers={"Connection": "close"}
+            )
             await response(scope, receive, send)
