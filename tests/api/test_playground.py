@@ -137,6 +137,18 @@ def shape_rects(page: Page, selector: str) -> list[dict[str, float]]:
     return sorted(rects, key=lambda r: r["i"])
 
 
+def assert_points_drawn(page: Page, points: list[dict[str, float]]) -> None:
+    """Each point's circle is centred where its coordinates fall on the rendered image, and the
+    table lists the coordinates."""
+    img = image_rect(page)
+    circles = shape_rects(page, "#overlay circle.point")
+    assert len(circles) == len(points)
+    for circle, p in zip(circles, points, strict=True):
+        assert circle["x"] + circle["w"] / 2 == pytest.approx(img["x"] + p["x"] * img["w"], abs=TOLERANCE_PX)
+        assert circle["y"] + circle["h"] / 2 == pytest.approx(img["y"] + p["y"] * img["h"], abs=TOLERANCE_PX)
+    assert table_rows(page) == [[str(i + 1), f"{p['x']:.3f}", f"{p['y']:.3f}"] for i, p in enumerate(points)]
+
+
 def table_rows(page: Page) -> list[list[str]]:
     rows: list[list[str]] = page.eval_on_selector_all(
         "#coords-body tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
@@ -254,12 +266,7 @@ def test_detect_point_and_streamed_answers(
     img = image_rect(page)
     assert img["w"] < 640, "the image must be drawn scaled for the geometry check to mean something"
     assert img["w"] / img["h"] == pytest.approx(640 / 480, abs=0.01)
-    circles = shape_rects(page, "#overlay circle.point")
-    assert len(circles) == len(points)
-    for circle, p in zip(circles, points, strict=True):
-        assert circle["x"] + circle["w"] / 2 == pytest.approx(img["x"] + p["x"] * img["w"], abs=TOLERANCE_PX)
-        assert circle["y"] + circle["h"] / 2 == pytest.approx(img["y"] + p["y"] * img["h"], abs=TOLERANCE_PX)
-    assert table_rows(page) == [[str(i + 1), f"{p['x']:.3f}", f"{p['y']:.3f}"] for i, p in enumerate(points)]
+    assert_points_drawn(page, points)
     assert timing_ms(page, "total") >= 0
 
     # ---- detect
@@ -303,6 +310,21 @@ def test_detect_point_and_streamed_answers(
     assert page.evaluate("window.__pieces") == expected_pieces
     assert page.text_content("#answer") == expected
     assert 0 <= timing_ms(page, "ttft") <= timing_ms(page, "total")
+
+    # ---- query with reasoning: not streamed; the reasoning is shown, its grounded points drawn
+    page.check("#reasoning")
+    with page.expect_request("**/v1/query") as sent:
+        run_ok(page)
+    assert sent.value.post_data_json == {**body, "stream": False, "reasoning": True}
+    reasoned = api(server, "/v1/query", {**body, "reasoning": True})
+    assert page.text_content("#answer") == reasoned["answer"]
+    text, grounding = reasoned["reasoning"]["text"], reasoned["reasoning"]["grounding"]
+    assert grounding, "img2's greedy reasoning grounds a point (see expected.json)"
+    assert page.text_content("#reasoning-text") == text
+    marks = page.eval_on_selector_all("#reasoning-text mark", "ms => ms.map(m => m.textContent)")
+    assert marks == [text[g["start_idx"] : g["end_idx"]] for g in grounding]
+    assert_points_drawn(page, [{"x": x, "y": y} for g in grounding for x, y in g["points"]])
+    page.uncheck("#reasoning")
 
     # ---- caption, streamed, then the same request not streamed
     choose_skill(page, "caption")

@@ -18,6 +18,7 @@ const el = {
   form: $("form"),
   length: $("length"),
   question: $("question"),
+  reasoning: $("reasoning"),
   object: $("object"),
   temperature: $("temperature"),
   topP: $("top-p"),
@@ -30,6 +31,8 @@ const el = {
   result: $("result"),
   error: $("error"),
   answer: $("answer"),
+  reasoningBox: $("reasoning-box"),
+  reasoningText: $("reasoning-text"),
   coords: $("coords"),
   coordsCaption: $("coords-caption"),
   coordsHead: $("coords-head"),
@@ -150,6 +153,11 @@ function buildRequest(current) {
   }
   if (current === "caption") body.length = el.length.value;
   if (current === "query") body.question = el.question.value.trim();
+  // A reasoning answer is not streamed (the stream would carry the answer only), so ask for JSON.
+  if (current === "query" && el.reasoning.checked) {
+    body.reasoning = true;
+    body.stream = false;
+  }
   if (current === "detect" || current === "point") body.object = el.object.value.trim();
   const set = Object.fromEntries(Object.entries(settings).filter(([, v]) => v !== undefined));
   if (Object.keys(set).length) body.settings = set;
@@ -273,6 +281,7 @@ async function readStream(response, started) {
   el.answer.hidden = false;
   let first = null;
   let pieces = 0;
+  let completed = false;
   for await (const event of sseEvents(response.body, controller.signal)) {
     if (event.chunk) {
       if (first === null) first = performance.now();
@@ -281,12 +290,14 @@ async function readStream(response, started) {
     }
     if (event.error) showError(`The answer stopped early: ${event.error.message}`);
     if (event.completed) {
+      completed = true;
       el.rawText.textContent = JSON.stringify(event, null, 2);
       el.raw.hidden = false;
       break;
     }
   }
   const end = performance.now();
+  if (!completed) showError("The connection closed before the answer was complete.");
   if (first !== null) addTiming("Time to first token", ms(first - started), "ttft");
   addTiming("Total", ms(end - started), "total");
   addTiming("Streamed pieces", String(pieces));
@@ -299,6 +310,7 @@ function showAnswer(current, payload, started) {
   if (current === "caption" || current === "query") {
     el.answer.hidden = false;
     el.answer.textContent = current === "caption" ? payload.caption : payload.answer;
+    if (payload.reasoning) showReasoning(payload.reasoning);
   } else if (current === "detect") {
     drawBoxes(payload.objects);
   } else {
@@ -355,7 +367,32 @@ function drawBoxes(boxes) {
   );
 }
 
-function drawPoints(points) {
+// The reasoning text with its grounded spans marked, and the points they refer to drawn.
+function showReasoning(reasoning) {
+  // start_idx/end_idx count characters (code points), not UTF-16 units.
+  const chars = Array.from(reasoning.text);
+  const points = [];
+  const nodes = [];
+  let at = 0;
+  for (const g of [...reasoning.grounding].sort((a, b) => a.start_idx - b.start_idx)) {
+    const first = points.length + 1;
+    points.push(...g.points.map(([x, y]) => ({ x, y })));
+    if (g.start_idx < at) continue; // overlaps the previous span: its points are still drawn
+    nodes.push(chars.slice(at, g.start_idx).join(""));
+    const mark = document.createElement("mark");
+    mark.textContent = chars.slice(g.start_idx, g.end_idx).join("");
+    const last = points.length;
+    mark.title = last > first ? `points ${first}–${last}` : `point ${first}`;
+    nodes.push(mark);
+    at = Math.max(at, g.end_idx);
+  }
+  nodes.push(chars.slice(at).join(""));
+  el.reasoningText.replaceChildren(...nodes);
+  el.reasoningBox.hidden = false;
+  if (points.length) drawPoints(points, "the reasoning looked at");
+}
+
+function drawPoints(points, what = "") {
   const { width: w, height: h } = image;
   const r = Math.max(w, h) * 0.012;
   points.forEach((p, i) => {
@@ -366,15 +403,17 @@ function drawPoints(points) {
     );
     el.overlay.append(group);
   });
+  const count = `${points.length} point${points.length === 1 ? "" : "s"}`;
   fillTable(
-    points.length ? `${points.length} point${points.length === 1 ? "" : "s"}.` : "Nothing found.",
+    points.length ? `${what ? `${count} ${what}` : count}.` : "Nothing found.",
     ["#", "x", "y"],
     points.map((p) => [p.x, p.y]),
   );
 }
 
 function fillTable(caption, columns, rows) {
-  el.coordsCaption.textContent = `${caption} Coordinates are fractions of the image's width and height, from the top-left corner.`;
+  el.coordsCaption.textContent =
+    `${caption} Coordinates are fractions of the image's width and height, from the top-left corner.`;
   const head = document.createElement("tr");
   for (const name of columns) {
     const th = document.createElement("th");
@@ -448,6 +487,8 @@ function clearResult() {
   el.error.textContent = "";
   el.answer.hidden = true;
   el.answer.textContent = "";
+  el.reasoningBox.hidden = true;
+  el.reasoningText.replaceChildren();
   el.coords.hidden = true;
   el.coordsHead.replaceChildren();
   el.coordsBody.replaceChildren();
