@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 # CPU installs pin this torch; set TORCH_SPEC (and PIP_TORCH_ARGS for another index) for CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
+# e.g. --keep (keep the built images) or --base python:3.11-slim-bookworm (skip debootstrap)
+IMAGE_TEST_ARGS ?=
 ARGS ?=
 
-.PHONY: run test setup lint typecheck bench clean chromium
+.PHONY: run test setup lint typecheck bench clean chromium image-tools image-test image-test-cuda
 
 # The server alone: what `make run` needs.
 $(VENV)/.installed: pyproject.toml
@@ -30,8 +32,8 @@ run: setup
 	$(VENV)/bin/moondream-server $(ARGS)
 
 lint: $(VENV)/.dev-installed
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 # The playground's browser test drives Debian's chromium (Playwright never downloads one). Install it
@@ -43,6 +45,18 @@ chromium:
 
 test: $(VENV)/.dev-installed lint chromium
 	$(PY) -m pytest
+
+# Build Dockerfile.cpu (or Dockerfile) with buildah on a local Debian base and serve the tiny golden
+# model from the image: Linux, root, buildah + podman + debootstrap; no daemon (see DEVELOPERS.md).
+image-tools:
+	@command -v buildah >/dev/null && command -v podman >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah podman debootstrap >/dev/null; }
+
+image-test: image-tools
+	$(PYTHON) -m scripts.image_test $(IMAGE_TEST_ARGS)
+
+image-test-cuda: image-tools
+	$(PYTHON) -m scripts.image_test --cuda $(IMAGE_TEST_ARGS)
 
 bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/model_bench.py
