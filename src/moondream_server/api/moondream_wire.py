@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,10 +18,43 @@ from moondream_server.engine.types import Box, Metrics, Point, Reasoning
 log = logging.getLogger(__name__)
 
 CaptionLengthField = Literal["short", "normal", "long"]
-SpatialRefsField = list[list[float]] | None
+
+# Limits on what a client sends, in the schema so that validation (422) refuses more before any
+# work: lengths are in characters (what JSON Schema's maxLength counts; at most 4 UTF-8 bytes
+# each). Token counts are checked by the engine before anything is embedded (400): a question
+# must leave room in the 2,048-token context for the image (730), the prompt and an answer.
+MAX_QUESTION_CHARS = 16_384
+MAX_OBJECT_CHARS = 2_048
+MAX_SPATIAL_REFS = 64
+MAX_MODEL_NAME_CHARS = 256
+
 SPATIAL_REFS_DOC = (
-    "Normalised hints: [x, y] points or [x_min, y_min, x_max, y_max] boxes, each value in [0, 1]."
+    "Normalised hints: [x, y] points or [x_min, y_min, x_max, y_max] boxes, each value in [0, 1]; "
+    f"at most {MAX_SPATIAL_REFS}."
 )
+SpatialRefsField = Annotated[
+    list[Annotated[list[float], Field(max_length=4)]] | None,
+    Field(max_length=MAX_SPATIAL_REFS, description=SPATIAL_REFS_DOC),
+]
+QuestionField = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_QUESTION_CHARS,
+        description=f"At most {MAX_QUESTION_CHARS:,} characters, and as many tokens as fit the context.",
+    ),
+]
+ObjectField = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_OBJECT_CHARS,
+        description=f"What to find. At most {MAX_OBJECT_CHARS:,} characters.",
+    ),
+]
+ModelNameField = Annotated[
+    str | None, Field(max_length=MAX_MODEL_NAME_CHARS, description="Accepted and ignored.")
+]
 IMAGE_DOC = "The image as a data URL (data:image/<any>;base64,...) or bare base64."
 
 

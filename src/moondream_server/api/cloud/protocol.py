@@ -15,17 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moondream_server.api.moondream_wire import (
     IMAGE_DOC,
-    SPATIAL_REFS_DOC,
     BoxOut,
     CaptionLengthField,
     MetricsOut,
+    ModelNameField,
+    ObjectField,
     PointOut,
+    QuestionField,
     ReasoningOut,
     SettingsIn,
     SpatialRefsField,
 )
-
-_MODEL_DOC = "Accepted and ignored."
 
 
 class _Request(BaseModel):
@@ -37,32 +37,32 @@ class V1CaptionRequest(_Request):
     length: CaptionLengthField = "normal"
     stream: bool = False
     settings: SettingsIn | None = None
-    model: str | None = Field(None, description=_MODEL_DOC)
+    model: ModelNameField = None
 
 
 class V1QueryRequest(_Request):
-    question: str = Field(..., min_length=1)
+    question: QuestionField
     image_url: str | None = Field(None, description=IMAGE_DOC + " Omit it for a text-only query.")
     stream: bool = False
     reasoning: bool = Field(False, description="Think first; adds `reasoning` to the answer (not streamed).")
-    spatial_refs: SpatialRefsField = Field(None, description=SPATIAL_REFS_DOC)
+    spatial_refs: SpatialRefsField = None
     settings: SettingsIn | None = None
-    model: str | None = Field(None, description=_MODEL_DOC)
+    model: ModelNameField = None
 
 
 class V1DetectRequest(_Request):
     image_url: str = Field(..., description=IMAGE_DOC)
-    object: str = Field(..., min_length=1)
+    object: ObjectField
     settings: SettingsIn | None = None
-    model: str | None = Field(None, description=_MODEL_DOC)
+    model: ModelNameField = None
 
 
 class V1PointRequest(_Request):
     image_url: str = Field(..., description=IMAGE_DOC)
-    object: str = Field(..., min_length=1)
-    spatial_refs: SpatialRefsField = Field(None, description=SPATIAL_REFS_DOC)
+    object: ObjectField
+    spatial_refs: SpatialRefsField = None
     settings: SettingsIn | None = None
-    model: str | None = Field(None, description=_MODEL_DOC)
+    model: ModelNameField = None
 
 
 class V1Base(BaseModel):

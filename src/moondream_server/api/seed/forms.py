@@ -11,7 +11,7 @@ import json
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from moondream_server.api.moondream_wire import SettingsIn
+from moondream_server.api.moondream_wire import MAX_SPATIAL_REFS, SettingsIn
 from moondream_server.api.spatial_refs import check_spatial_refs
 from moondream_server.engine.types import SpatialRef
 
@@ -33,6 +33,16 @@ def parse_spatial_refs(raw: str | None) -> list[SpatialRef]:
         value = json.loads(raw)
     except ValueError:
         value = None
+    if isinstance(value, list) and len(value) > MAX_SPATIAL_REFS:  # before looking at every entry
+        raise RequestValidationError(
+            [
+                {
+                    "type": "too_long",
+                    "loc": ("body", "spatial_refs"),
+                    "msg": f"at most {MAX_SPATIAL_REFS} spatial_refs are accepted, got {len(value):,}",
+                }
+            ]
+        )
     if not isinstance(value, list) or not all(
         isinstance(r, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in r)
         for r in value

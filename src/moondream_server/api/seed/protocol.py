@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moondream_server.api.moondream_wire import (
     IMAGE_DOC,
-    SPATIAL_REFS_DOC,
     BoxOut,
     CaptionLengthField,
+    ObjectField,
     PointOut,
+    QuestionField,
     ReasoningOut,
     SettingsIn,
     SpatialRefsField,
@@ -37,23 +38,23 @@ class CaptionRequest(_Request):
 
 class QueryRequest(_Request):
     image: str = Field(..., description=IMAGE_DOC)
-    question: str = Field(..., min_length=1)
+    question: QuestionField
     stream: bool = False
     reasoning: bool = False
-    spatial_refs: SpatialRefsField = Field(None, description=SPATIAL_REFS_DOC)
+    spatial_refs: SpatialRefsField = None
     settings: SettingsIn | None = None
 
 
 class DetectRequest(_Request):
     image: str = Field(..., description=IMAGE_DOC)
-    object: str = Field(..., min_length=1)
+    object: ObjectField
     settings: SettingsIn | None = None
 
 
 class PointRequest(_Request):
     image: str = Field(..., description=IMAGE_DOC)
-    object: str = Field(..., min_length=1)
-    spatial_refs: SpatialRefsField = Field(None, description=SPATIAL_REFS_DOC)
+    object: ObjectField
+    spatial_refs: SpatialRefsField = None
     settings: SettingsIn | None = None
 
 

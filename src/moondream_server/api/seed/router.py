@@ -19,6 +19,9 @@ from moondream_server.api.auth import require_api_key
 from moondream_server.api.image_input import image_from_bytes, image_from_string
 from moondream_server.api.moondream_sse import SSE_RESPONSE, chunk_stream
 from moondream_server.api.moondream_wire import (
+    MAX_OBJECT_CHARS,
+    MAX_QUESTION_CHARS,
+    MAX_SPATIAL_REFS,
     CaptionLengthField,
     SettingsIn,
     boxes_out,
@@ -152,6 +155,7 @@ async def point(body: PointRequest, request: Request) -> PointResponse:
 
 # --------------------------------------------------------------------------- multipart routes
 
+_REFS_FORM_DOC = f"JSON list, e.g. [[0.5, 0.5]]; at most {MAX_SPATIAL_REFS} entries."
 _FileField = Annotated[UploadFile, File(description="The image file (JPEG, PNG, WebP, GIF, BMP, TIFF).")]
 _SettingsField = Annotated[
     str | None,
@@ -193,10 +197,10 @@ async def upload_caption(
 async def upload_query(
     request: Request,
     file: _FileField,
-    question: Annotated[str, Form(min_length=1)],
+    question: Annotated[str, Form(min_length=1, max_length=MAX_QUESTION_CHARS)],
     stream: Annotated[bool, Form()] = False,
     reasoning: Annotated[bool, Form()] = False,
-    spatial_refs: Annotated[str | None, Form(description="JSON list, e.g. [[0.5, 0.5]].")] = None,
+    spatial_refs: Annotated[str | None, Form(description=_REFS_FORM_DOC)] = None,
     settings: _SettingsField = None,
 ) -> QueryResponse | Response:
     parsed = parse_settings(settings)
@@ -211,7 +215,7 @@ async def upload_query(
 async def upload_detect(
     request: Request,
     file: _FileField,
-    object: Annotated[str, Form(min_length=1)],
+    object: Annotated[str, Form(min_length=1, max_length=MAX_OBJECT_CHARS)],
     settings: _SettingsField = None,
 ) -> DetectResponse:
     parsed = parse_settings(settings)
@@ -225,7 +229,7 @@ async def upload_detect(
 async def upload_point(
     request: Request,
     file: _FileField,
-    object: Annotated[str, Form(min_length=1)],
+    object: Annotated[str, Form(min_length=1, max_length=MAX_OBJECT_CHARS)],
     settings: _SettingsField = None,
 ) -> PointResponse:
     parsed = parse_settings(settings)
