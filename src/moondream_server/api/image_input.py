@@ -12,6 +12,7 @@ from fastapi import Request
 from PIL import Image
 
 from moondream_server.api.decoder import ImageDecoder
+from moondream_server.engine.base import Engine
 
 
 def _decoder(request: Request) -> ImageDecoder:
@@ -19,9 +20,9 @@ def _decoder(request: Request) -> ImageDecoder:
     return decoder
 
 
-def _admission(request: Request) -> Callable[[], None] | None:
-    check: Callable[[], None] | None = getattr(request.app.state.engine, "check_capacity", None)
-    return check if callable(check) else None
+def _admission(request: Request) -> Callable[[], None]:
+    engine: Engine = request.app.state.engine
+    return engine.check_capacity
 
 
 async def image_from_string(request: Request, value: str, param: str) -> Image.Image:
