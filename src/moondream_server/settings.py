@@ -106,6 +106,13 @@ class Settings(BaseSettings):
             "their decode steps attend in one call (auto: on a GPU only)."
         ),
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "Batched engine with a KV pool: replay decode steps from captured CUDA graphs "
+            "(auto: on CUDA devices; on elsewhere runs the same static steps without graphs)."
+        ),
+    )
     cpu_weights: Literal["auto", "float32", "float16"] = Field(
         default="auto",
         description="float32 on CPU: hold linear weights as float16 where lossless (auto), never, or always.",

@@ -24,6 +24,7 @@ from moondream_server.engine.scheduler import Request, Scheduler
 from moondream_server.engine.types import QueryResult, SamplingSettings
 from moondream_server.model import Moondream
 from moondream_server.model import text as text_module
+from moondream_server.model.cuda_graphs import DecodeGraphs
 from tests.engine.support import collect, load_tiny, make_engine, with_engine
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
@@ -38,9 +39,17 @@ def boxes(objects: list[dict[str, float]]) -> list[tuple[float, ...]]:
     return [(o["x_min"], o["y_min"], o["x_max"], o["y_max"]) for o in objects]
 
 
-@pytest.mark.parametrize("kv_pool", [False, True], ids=["private-caches", "kv-pool"])
+@pytest.mark.parametrize(
+    ("kv_pool", "graphs"),
+    [(False, False), (True, False), (True, True)],
+    ids=["private-caches", "kv-pool", "kv-pool-graphs"],
+)
 def test_mixed_concurrent_traffic_equals_one_at_a_time(
-    reference_model: Moondream, images: list[Image.Image], kv_pool: bool, monkeypatch: pytest.MonkeyPatch
+    reference_model: Moondream,
+    images: list[Image.Image],
+    kv_pool: bool,
+    graphs: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     m = reference_model
     refs_pt = [[0.25, 0.5]]
@@ -93,15 +102,25 @@ def test_mixed_concurrent_traffic_equals_one_at_a_time(
         attend(self, *args)
 
     monkeypatch.setattr(text_module._PooledDecode, "attend", spy)
-    engine = make_engine(kv_pool=kv_pool)
+    graph_steps: list[int] = []
+    graph_step = DecodeGraphs.step
+
+    def graph_spy(self: DecodeGraphs, x: torch.Tensor, caches: Any) -> Any:
+        graph_steps.append(len(caches))
+        return graph_step(self, x, caches)
+
+    monkeypatch.setattr(DecodeGraphs, "step", graph_spy)
+    engine = make_engine(kv_pool=kv_pool, decode_graphs=graphs)
     got = with_engine(engine, body)
-    # with the pool, decode steps of several sequences really attended together
-    assert (max(pooled_calls, default=0) > 1) == kv_pool
+    # with the pool, decode steps of several sequences really attended together (in one static
+    # step with the decode graphs: on a CPU the same function runs without capture)
+    assert (max(pooled_calls, default=0) > 1) == (kv_pool and not graphs)
+    assert (max(graph_steps, default=0) > 1) == graphs
     assert engine.runtime is not None and engine.scheduler is not None
     pool = engine.runtime.kv_pool
     assert (pool is not None) == kv_pool
-    if pool is not None:  # every slot went back when its request finished
-        assert pool.free_slots == pool.n_slots
+    if pool is not None:  # every slot went back when its request finished (but the scratch slot)
+        assert pool.free_slots == pool.n_slots - (1 if graphs else 0)
     sampled = got.pop()
     assert sampled.metrics.output_tokens <= 5 and sampled.finish_reason in ("stop", "length")
     for i, (exp, res) in enumerate(zip(expected, got, strict=True)):

@@ -72,6 +72,11 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         {"choices": ["auto", "on", "off"], "help": "batched engine: pooled KV caches (default: GPU only)"},
     ),
     (
+        "--cuda-graphs",
+        "cuda_graphs",
+        {"choices": ["auto", "on", "off"], "help": "batched engine: decode steps as CUDA graphs (default: CUDA)"},
+    ),
+    (
         "--cpu-weights",
         "cpu_weights",
         {

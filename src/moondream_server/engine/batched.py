@@ -72,11 +72,13 @@ class BatchedEngine:
         max_images_per_step: int | None = None,
         max_vision_crops: int | None = None,
         kv_pool: bool | None = None,
+        decode_graphs: bool | None = None,
         decode_first_s: float | None = None,
         warmup: bool = True,
     ) -> None:
         """``kv_pool``: hold the caches of ``max_batch_size`` sequences in one pool so that their
-        decode steps attend in one call (None: on a GPU only, where it pays for its memory)."""
+        decode steps attend in one call (None: on a GPU only, where it pays for its memory).
+        ``decode_graphs``: replay those pooled decode steps from CUDA graphs (None: on CUDA)."""
         self._loader = loader
         self._info = info
         self._max_queue = max_queue
@@ -88,6 +90,7 @@ class BatchedEngine:
         self._max_images_per_step = max_images_per_step
         self._max_vision_crops = max_vision_crops
         self._kv_pool = kv_pool
+        self._decode_graphs = decode_graphs
         self._decode_first_s = decode_first_s
         self._warmup = warmup
         self._ready = False
@@ -165,8 +168,15 @@ class BatchedEngine:
                 decode_first = 0.0 if gpu else 10.0
             pool = gpu if self._kv_pool is None else self._kv_pool
             self.runtime = ModelRuntime(
-                model, max_vision_crops=vision_crops, kv_pool_slots=self._max_batch_size if pool else 0
+                model,
+                max_vision_crops=vision_crops,
+                kv_pool_slots=self._max_batch_size if pool else 0,
+                decode_graphs=self._decode_graphs,
             )
+            if self.runtime.decode_graphs is not None:
+                t1 = time.perf_counter()
+                await asyncio.to_thread(self.runtime.warm_graphs)  # before the scheduler runs
+                log.info("decode graphs captured in %.2f s", time.perf_counter() - t1)
             if self._cache_bytes > 0:
                 self.image_cache = ImageCache(self._cache_bytes, self.runtime.image_nbytes)
             self.scheduler = Scheduler(
@@ -476,6 +486,7 @@ def create_engine(settings: Settings) -> BatchedEngine:
         image_cache_mb=settings.image_cache_mb,
         threads=settings.threads,
         kv_pool=None if settings.kv_pool == "auto" else settings.kv_pool == "on",
+        decode_graphs=None if settings.cuda_graphs == "auto" else settings.cuda_graphs == "on",
     )
 
 

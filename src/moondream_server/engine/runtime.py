@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from moondream_server.engine.image_cache import image_content_key
+from moondream_server.model.cuda_graphs import DecodeGraphs
 from moondream_server.model.decoding import (
     Program,
     StepOutput,
@@ -117,14 +118,30 @@ def _text_settings(settings: dict[str, Any] | None) -> TextSettings:
 class ModelRuntime:
     """``Runtime`` over a loaded ``Moondream``; also builds the task programs the engine submits."""
 
-    def __init__(self, model: Moondream, *, max_vision_crops: int = 16, kv_pool_slots: int = 0) -> None:
+    def __init__(
+        self,
+        model: Moondream,
+        *,
+        max_vision_crops: int = 16,
+        kv_pool_slots: int = 0,
+        decode_graphs: bool | None = None,
+    ) -> None:
         """``kv_pool_slots`` > 0 keeps that many sequences' caches in one pool, so their decode
-        steps attend in one call (worth its memory on a GPU; see ``KVPool``)."""
+        steps attend in one call (worth its memory on a GPU; see ``KVPool``). ``decode_graphs``
+        runs those steps through ``DecodeGraphs`` (CUDA graphs; None = on CUDA devices only)."""
         self.model = model
         self.text = model.net.text
         self.vision = model.net.vision
         self.max_vision_crops = max_vision_crops
-        self.kv_pool: KVPool | None = self.text.new_pool(kv_pool_slots) if kv_pool_slots > 0 else None
+        if decode_graphs is None:
+            decode_graphs = model.device.type == "cuda"
+        graphs = kv_pool_slots > 0 and decode_graphs
+        # The graphs take one extra slot for their padding rows.
+        slots = kv_pool_slots + 1 if graphs else kv_pool_slots
+        self.kv_pool: KVPool | None = self.text.new_pool(slots) if kv_pool_slots > 0 else None
+        self.decode_graphs: DecodeGraphs | None = None
+        if graphs and self.kv_pool is not None:
+            self.decode_graphs = DecodeGraphs(self.text, self.kv_pool, max_batch=kv_pool_slots)
         self.model_key = f"{model.model_id}@{model.revision or ''}"
         # counters, read by tests and logs
         self.vision_calls = 0
@@ -190,10 +207,43 @@ class ModelRuntime:
         assert isinstance(seq, ModelSeq)
         return seq.cache.length, seq.cache.max_context
 
+    def warm_graphs(self) -> None:
+        """Capture the decode graphs that short answers about an image use, before traffic."""
+        if self.decode_graphs is not None:
+            with torch.inference_mode():
+                self.decode_graphs.warm(spans=(self.prefix_len + 1, self.prefix_len + 129))
+
     # -- the packed step ---------------------------------------------------------------------
     def forward(self, items: Sequence[StepItem]) -> list[StepOutput | None]:
         if not items:
             return []
+        graphs = self.decode_graphs
+        if graphs is not None:
+            fast = [i for i, it in enumerate(items) if graphs.accepts(it.seq.cache, it.x.shape[0], it.seq.prefix)]
+            if fast:
+                return self._forward_split(graphs, items, fast)
+        return self._forward_eager(items)
+
+    def _forward_split(
+        self, graphs: DecodeGraphs, items: Sequence[StepItem], fast: list[int]
+    ) -> list[StepOutput | None]:
+        """Pooled decode steps through the graphs; the rest (prefills, private caches) eagerly."""
+        outputs: list[StepOutput | None] = [None] * len(items)
+        chosen = set(fast)
+        rest = [i for i in range(len(items)) if i not in chosen]
+        if rest:
+            for i, out in zip(rest, self._forward_eager([items[i] for i in rest]), strict=True):
+                outputs[i] = out
+        x = torch.cat([items[i].x for i in fast]) if len(fast) > 1 else items[fast[0]].x
+        hidden, logits = graphs.step(x, [items[i].seq.cache for i in fast])
+        for k, i in enumerate(fast):
+            if items[i].want_output:
+                outputs[i] = StepOutput(hidden=hidden[k], logits=logits[k])
+        if not rest:
+            self.forward_calls += 1
+        return outputs
+
+    def _forward_eager(self, items: Sequence[StepItem]) -> list[StepOutput | None]:
         x = torch.cat([it.x for it in items]) if len(items) > 1 else items[0].x
         seqs = [SeqSlice(it.seq.cache, it.x.shape[0], prefix=it.seq.prefix) for it in items]
         hidden = self.text(x, seqs)

@@ -18,6 +18,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from moondream_server.model.config import MoondreamConfig
+from moondream_server.model.cuda_graphs import DecodeGraphs
 from moondream_server.model.decoding import (
     Context,
     Program,
@@ -71,6 +72,9 @@ class Moondream:
         self.model_id = model_id
         self.revision = revision
         self.resampler: Resampler = resampler or default_resampler()
+        # Decode steps through ``DecodeGraphs`` (CUDA graphs): None = on CUDA devices only.
+        self.decode_graphs: bool | None = None
+        self._graphs: DecodeGraphs | None = None
         self.ctx = Context(
             text=net.text,
             region=net.region,
@@ -130,6 +134,17 @@ class Moondream:
         return self.prefill_image(self.embed_image(image))
 
     # -- driving programs -------------------------------------------------------------------
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        """The decode graphs of one-request-at-a-time runs, built on first use (None when off)."""
+        enabled = self.decode_graphs if self.decode_graphs is not None else self.device.type == "cuda"
+        if not enabled:
+            return None
+        if self._graphs is None:
+            # One sequence's full-context slot plus the graphs' scratch slot.
+            self._graphs = DecodeGraphs(self.net.text, self.net.text.new_pool(2), max_batch=1)
+        return self._graphs
+
     def start_cache(self, image: EncodedImage | None, pool: KVPool | None = None) -> tuple[KVCache, int]:
         """A fresh sequence cache holding the image prefix (or empty), and its bidirectional prefix."""
         if image is None:
@@ -140,6 +155,10 @@ class Moondream:
 
     @torch.inference_mode()
     def step(self, x: torch.Tensor, seq: SeqSlice) -> StepOutput:
+        graphs = self._graphs
+        if graphs is not None and graphs.accepts(seq.cache, seq.length, seq.prefix):
+            hiddens, logits = graphs.step(x, [seq.cache])
+            return StepOutput(hidden=hiddens[0], logits=logits[0])
         hidden = self.net.text(x, [seq])[-1]
         return StepOutput(hidden=hidden, logits=self.net.text.logits(hidden).float())
 
@@ -151,7 +170,9 @@ class Moondream:
 
     def _steps(self, program: Program, image: EncodedImage | None) -> Iterator[None]:
         """Drive a program, pausing after every forward step (so streams can flush)."""
-        cache, prefix = self.start_cache(image)
+        graphs = self.graphs
+        # A pooled cache when the slot is free (a stream left unfinished may still hold it).
+        cache, prefix = self.start_cache(image, pool=graphs.pool if graphs is not None else None)
         self.last_first_output_at = None
         x = next(program)
         while True:
