@@ -83,6 +83,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     import moondream_server
     from moondream_server.model import load
+    from moondream_server.model.cuda_graphs import DecodeGraphs
     from moondream_server.model.text import SeqSlice
 
     if args.threads:
@@ -96,6 +97,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "device": args.device,
     }
+    res["graphs"] = args.graphs
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     if args.cpu_weights:
         kwargs["cpu_weights"] = args.cpu_weights
@@ -103,6 +105,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     m = load(str(args.model), **kwargs)
     res["load_s"] = time.perf_counter() - t
     res["rss_after_load_mb"] = psutil.Process().memory_info().rss / 2**20
+    if args.graphs != "auto":  # decode steps through DecodeGraphs (CUDA graphs on a GPU)
+        m.decode_graphs = args.graphs == "on"
+    graphs_on = m.graphs is not None
 
     rng = np.random.default_rng(0)
     images = {
@@ -132,7 +137,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     ids = list(m.config.tokenizer.templates["caption"]["normal"])
 
     def prefill_and_decode() -> tuple[float, float]:
-        cache, prefix = m.start_cache(enc)
+        cache, prefix = m.start_cache(enc, pool=m.graphs.pool if m.graphs is not None else None)
         x = m.ctx.embed(ids)
         _sync()
         t0 = time.perf_counter()
@@ -159,7 +164,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     for b, pooled in batches:
         # Batched decode as the engine runs it: b sequences, one new token each, one packed pass
         # (with the KV pool: the decode attention of all b in one call, as the engine does on a GPU).
-        pool = m.net.text.new_pool(b) if pooled else None
+        # With graphs: one more slot for their padding rows, and the static step.
+        pool = m.net.text.new_pool(b + 1 if graphs_on else b) if pooled else None
+        batch_graphs = DecodeGraphs(m.net.text, pool, max_batch=b) if pooled and graphs_on and pool else None
         name = f"batch{b}{'_pooled' if pooled else ''}"
         seqs = []
         for _ in range(b):
@@ -167,18 +174,27 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             m.step(m.ctx.embed(ids), SeqSlice(cache, len(ids), prefix=prefix))
             seqs.append((cache, prefix))
         steps = max(4, args.tokens // 4)
+
+        def batch_step(
+            tokens: torch.Tensor, g: DecodeGraphs | None = batch_graphs, seqs: list[Any] = seqs
+        ) -> torch.Tensor:
+            if g is not None:
+                _, logits = g.step(m.net.text.embed(tokens), [c for c, _ in seqs])
+                return torch.argmax(logits, dim=-1)
+            hidden = m.net.text(m.net.text.embed(tokens), [SeqSlice(c, 1, prefix=p) for c, p in seqs])
+            return torch.argmax(m.net.text.logits(hidden).float(), dim=-1)
+
         with torch.inference_mode():
+            tokens = batch_step(torch.zeros(b, dtype=torch.long, device=args.device))  # (captures)
             _sync()
             t0 = time.perf_counter()
-            tokens = torch.zeros(b, dtype=torch.long, device=args.device)
             for _ in range(steps):
-                hidden = m.net.text(m.net.text.embed(tokens), [SeqSlice(c, 1, prefix=p) for c, p in seqs])
-                tokens = torch.argmax(m.net.text.logits(hidden).float(), dim=-1)
+                tokens = batch_step(tokens)
             _sync()
             dt = time.perf_counter() - t0
         res[f"{name}_decode_tokens_per_s"] = b * steps / dt
         res[f"{name}_decode_s_per_step"] = dt / steps
-        del seqs, pool
+        del seqs, pool, batch_graphs
 
     if "detect" in sections:
         det_s, det = _timed(lambda: m.detect(enc, "cat", settings={"max_objects": 4}), reps)
@@ -243,6 +259,9 @@ def main() -> None:
     p.add_argument(
         "--cpu-weights", default="", help="comma list of load(cpu_weights=...) values ('' = default)"
     )
+    p.add_argument(
+        "--graphs", default="auto", help="comma list of decode-graph modes: auto (on for CUDA), on, off"
+    )
     p.add_argument("--json", type=Path, help="also write all results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -256,7 +275,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for src in args.src or [None]:
         for weights in args.cpu_weights.split(","):
-            for dtype in args.dtype.split(","):
+            for dtype, graphs in [(d, g) for d in args.dtype.split(",") for g in args.graphs.split(",")]:
                 cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--model", str(model)]
                 cmd += ["--threads", str(args.threads), "--tokens", str(args.tokens), "--device", args.device]
                 cmd += ["--reps", str(args.reps), "--images", args.images, "--sections", args.sections]
@@ -264,7 +283,9 @@ def main() -> None:
                 cmd += ["--quick"] if args.quick else []
                 cmd += ["--src", src] if src else []
                 cmd += ["--cpu-weights", weights] if weights else []
-                label = f"{dtype}{'/' + weights if weights else ''}{' @' + src if src else ''}"
+                cmd += ["--graphs", graphs]
+                label = f"{dtype}{'/' + weights if weights else ''}"
+                label += f"{'' if graphs == 'auto' else '/graphs-' + graphs}{' @' + src if src else ''}"
                 print(f"running {label} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

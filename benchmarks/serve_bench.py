@@ -58,9 +58,10 @@ QUESTIONS = [
 class ImageMaker:
     """Fresh random images (a new seed each), as data URLs."""
 
-    def __init__(self, width: int, height: int) -> None:
+    def __init__(self, width: int, height: int, fmt: str = "png") -> None:
         self.size = (width, height)
         self.seed = 0
+        self.format = fmt
 
     def __call__(self) -> str:
         self.seed += 1
@@ -68,8 +69,8 @@ class ImageMaker:
         w, h = self.size
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        img.save(buf, format=self.format.upper())
+        return f"data:image/{self.format};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def memory_bandwidth_gbs(device: str) -> float:
@@ -116,11 +117,16 @@ def text_weight_bytes(model: Path, dtype: str, cpu_weights: str, device: str) ->
 
 class Server:
     def __init__(self, args: argparse.Namespace, engine: str, port: int) -> None:
-        # "batched-nopool" / "batched-pool": the batched engine with the KV pool forced off / on
-        kind, _, pool = engine.partition("-")
+        # "batched-nopool" / "batched-pool": the batched engine with the KV pool forced off / on;
+        # "batched-nographs": with the decode graphs off
+        kind, _, variant = engine.partition("-")
         env = dict(os.environ, MOONDREAM_ENGINE=kind)
-        if pool:
-            env["MOONDREAM_KV_POOL"] = "off" if pool == "nopool" else "on"
+        if variant in ("nopool", "pool"):
+            env["MOONDREAM_KV_POOL"] = "off" if variant == "nopool" else "on"
+        elif variant == "nographs":
+            env["MOONDREAM_CUDA_GRAPHS"] = "off"
+        elif variant:
+            raise SystemExit(f"unknown engine variant {engine!r}")
         cmd = [sys.executable, "-m", "moondream_server.api.cli", "--model", str(args.model)]
         cmd += ["--port", str(port), "--engine", kind, "--device", args.device, "--dtype", args.dtype]
         cmd += ["--log-level", "warning", "--request-timeout", "3600", "--max-queue", "256"]
@@ -204,17 +210,29 @@ def bench_engine(args: argparse.Namespace, engine: str, port: int, make: ImageMa
     settings = {"max_tokens": args.tokens, "temperature": 0.0}
     server = Server(args, engine, port)
     res: dict[str, Any] = {"engine": engine}
+
+    def ask(image: str) -> tuple[float, dict[str, Any]]:
+        """The --task request about one image: a caption, or a question (answers of --tokens)."""
+        if args.task == "query":
+            return post(
+                server, "/v1/query", {"image_url": image, "question": QUESTIONS[1], "settings": settings}
+            )
+        return post(server, "/v1/caption", {"image_url": image, "settings": settings})
+
     try:
         res["startup_s"] = server.wait_ready()
+        for _ in range(2):  # untimed: the first requests of a fresh server carry one-off costs
+            ask(make())
         # One request at a time, each on a fresh image: the median of --single-reps.
         singles = []
         for _ in range(args.single_reps):
             image = make()
-            dt, r = post(server, "/v1/caption", {"image_url": image, "settings": settings})
+            dt, r = ask(image)
             m = r["metrics"]
             singles.append((dt, m["ttft_ms"] / 1000, m["output_tokens"] / (m["decode_time_ms"] / 1000)))
         res["caption_latencies_s"] = [dt for dt, _, _ in singles]
         res["caption_latency_s"] = statistics.median(dt for dt, _, _ in singles)
+        res["caption_latency_p90_s"] = sorted(dt for dt, _, _ in singles)[int(0.9 * (len(singles) - 1))]
         res["caption_ttft_s"] = statistics.median(t for _, t, _ in singles)
         res["decode_tokens_per_s_single"] = statistics.median(d for _, _, d in singles)
         dt, r = post(
@@ -223,10 +241,13 @@ def bench_engine(args: argparse.Namespace, engine: str, port: int, make: ImageMa
         res["seen_image_query_latency_s"] = dt
 
         for n in args.clients:
-            images = [make() for _ in range(n)]
+            per = args.per_client
+            images = [make() for _ in range(n * per)]
 
-            def captions(i: int, images: list[str] = images) -> list[tuple[float, dict[str, Any]]]:
-                return [post(server, "/v1/caption", {"image_url": images[i], "settings": settings})]
+            def captions(
+                i: int, images: list[str] = images, per: int = per
+            ) -> list[tuple[float, dict[str, Any]]]:
+                return [ask(images[i * per + j]) for j in range(per)]
 
             print(f"  {engine}: {n} concurrent clients ...", file=sys.stderr, flush=True)
             res[f"clients{n}"] = run_clients(n, captions)
@@ -262,6 +283,9 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8931)
     p.add_argument("--no-mix-b", action="store_true", help="skip traffic mix B (repeated images)")
     p.add_argument("--single-reps", type=int, default=3, help="single fresh-image captions (median)")
+    p.add_argument("--task", default="caption", choices=["caption", "query"], help="what every request asks")
+    p.add_argument("--format", default="png", choices=["png", "jpeg"], help="how the test images are sent")
+    p.add_argument("--per-client", type=int, default=1, help="requests per client (each a fresh image)")
     p.add_argument("--json", type=Path, help="also write all results here")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",") if c]
@@ -276,7 +300,7 @@ def main() -> None:
     results = []
     for i, engine in enumerate(args.engines.split(",")):
         print(f"{engine} engine ...", file=sys.stderr, flush=True)
-        results.append(bench_engine(args, engine, args.port + i, ImageMaker(w, h)))
+        results.append(bench_engine(args, engine, args.port + i, ImageMaker(w, h, args.format)))
 
     print(
         f"\nserve_bench: {model}, {args.device} {args.dtype} (MOONDREAM_CPU_WEIGHTS={cpu_weights}), "
@@ -289,7 +313,8 @@ def main() -> None:
         r["bandwidth_share"] = r["decode_tokens_per_s_single"] / ideal
     rows: list[tuple[str, tuple[str, ...]]] = [
         ("server start + warm-up (s)", ("startup_s",)),
-        (f"1 caption, fresh image (s; median of {args.single_reps})", ("caption_latency_s",)),
+        (f"1 {args.task}, fresh image (s; median of {args.single_reps})", ("caption_latency_s",)),
+        ("  its p90 (s)", ("caption_latency_p90_s",)),
         ("  its time to first token (s)", ("caption_ttft_s",)),
         ("  its decode (tokens/s)", ("decode_tokens_per_s_single",)),
         ("  ... share of the bandwidth bound", ("bandwidth_share",)),

@@ -74,7 +74,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--cuda-graphs",
         "cuda_graphs",
-        {"choices": ["auto", "on", "off"], "help": "batched engine: decode steps as CUDA graphs (default: CUDA)"},
+        {"choices": ["auto", "on", "off"], "help": "batched engine: decode as CUDA graphs (auto: CUDA)"},
     ),
     (
         "--cpu-weights",

@@ -219,7 +219,9 @@ class ModelRuntime:
             return []
         graphs = self.decode_graphs
         if graphs is not None:
-            fast = [i for i, it in enumerate(items) if graphs.accepts(it.seq.cache, it.x.shape[0], it.seq.prefix)]
+            fast = [
+                i for i, it in enumerate(items) if graphs.accepts(it.seq.cache, it.x.shape[0], it.seq.prefix)
+            ]
             if fast:
                 return self._forward_split(graphs, items, fast)
         return self._forward_eager(items)

@@ -172,7 +172,7 @@ class DecodeGraphs:
         # scratch slot so that it writes nowhere a sequence owns.
         self._index[0, :b].fill_(self.scratch)
         self._index[1, :b].zero_()
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._run(b, span)  # warm-up: lazy initialisation must not happen during capture
