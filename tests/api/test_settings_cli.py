@@ -30,7 +30,7 @@ def test_defaults() -> None:
     assert s.max_body_bytes == 20 * 1024 * 1024
     assert s.max_image_pixels == 50_000_000
     assert (s.max_queue, s.request_timeout_s, s.max_batch_size, s.image_cache_mb) == (64, 300.0, 8, 2048)
-    assert s.threads is None and s.kv_pool == "auto"
+    assert s.threads is None and s.kv_pool == "auto" and s.cuda_graphs == "auto"
     assert s.resolved_api_keys() == frozenset()
 
 
@@ -66,6 +66,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     s = cli.parse_settings(["--request-timeout", "2.5", "--engine", "serial", "--revision", "main"])
     assert (s.request_timeout_s, s.engine, s.revision) == (2.5, "serial", "main")
     assert cli.parse_settings(["--kv-pool", "on"]).kv_pool == "on"
+    assert cli.parse_settings(["--cuda-graphs", "off"]).cuda_graphs == "off"
     with pytest.raises(SystemExit):
         cli.parse_settings(["--kv-pool", "sometimes"])
 
