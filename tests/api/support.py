@@ -19,7 +19,7 @@ import uvicorn
 from PIL import Image
 
 from moondream_server.api.app import create_app
-from moondream_server.api.server import uvicorn_config
+from moondream_server.api.server import server
 from moondream_server.engine.base import Engine
 from moondream_server.settings import Settings
 
@@ -56,8 +56,8 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        # The console script's own uvicorn configuration (protocol, connection timeouts).
-        self._server = uvicorn.Server(uvicorn_config(self.app, settings))
+        # The console script's own server (protocol, connection timeouts, drain on shutdown).
+        self._server: uvicorn.Server = server(self.app, settings)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )

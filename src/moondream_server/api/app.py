@@ -19,6 +19,7 @@ from moondream_server.api.disconnect import CancelOnDisconnectMiddleware
 from moondream_server.api.errors import install_exception_handlers, register_error_shape
 from moondream_server.api.images import configure_pillow
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
+from moondream_server.api.shutdown import Drain, DrainMiddleware
 from moondream_server.api.surface import discover_surfaces
 from moondream_server.engine.base import Engine
 from moondream_server.settings import Settings
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = engine
     app.state.image_decoder = decoder
     app.state.api_keys = keys = settings.resolved_api_keys()
+    app.state.drain = Drain()
     if keys:
         where = "open" if settings.public_metrics else "behind the keys"
         log.info("authentication on: %d key(s); /metrics is %s", len(keys), where)
@@ -99,6 +101,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
     )
     app.add_middleware(AuthMiddleware, keys=keys, public_metrics=settings.public_metrics)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     origins = settings.cors_origin_set()
     if origins:
         app.add_middleware(CORSMiddleware, **cors_middleware_options(origins))  # type: ignore[arg-type]

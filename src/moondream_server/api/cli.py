@@ -7,7 +7,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import uvicorn
 from pydantic import ValidationError
 
 from moondream_server.settings import KeySourceError, Settings
@@ -118,10 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from moondream_server.api.app import create_app
-    from moondream_server.api.server import uvicorn_config
+    from moondream_server.api.server import server
 
-    app = create_app(settings)
-    uvicorn.Server(uvicorn_config(app, settings)).run()
+    server(create_app(settings), settings).run()
 
 
 if __name__ == "__main__":

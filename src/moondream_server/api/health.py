@@ -62,14 +62,19 @@ def _load_error(request: Request) -> str | None:
     return None if error is None else redact_paths(str(error), request.app.state.settings.model)
 
 
+def _draining(request: Request) -> bool:
+    drain = getattr(request.app.state, "drain", None)
+    return bool(drain is not None and drain.draining)
+
+
 def _health(request: Request) -> HealthResponse:
     engine: Engine = request.app.state.engine
     info = engine.info
-    ready = engine.is_ready()
+    ready = engine.is_ready() and not _draining(request)
     error = _load_error(request)
     return HealthResponse(
         ready=ready,
-        model_loaded=ready,
+        model_loaded=engine.is_ready(),
         model=public_model_name(info.model_id),
         revision=info.revision,
         device=info.device,
@@ -93,14 +98,21 @@ async def health_v1(request: Request) -> HealthResponse:
 
 
 _READY_RESPONSES: dict[int | str, dict[str, object]] = {
-    503: {"model": ReadyResponse, "description": "Not ready: the model is loading or warming up (or failed)."}
+    503: {
+        "model": ReadyResponse,
+        "description": "Not ready: the model is loading or warming up (or failed), or the server shuts down.",
+    }
 }
 
 
 @router.get("/health/ready", response_model=ReadyResponse, responses=_READY_RESPONSES, summary="Readiness")
 async def ready(request: Request) -> JSONResponse:
-    """200 once the model is loaded and warmed up, 503 (with Retry-After) before."""
+    """200 once the model is loaded and warmed up, 503 (with Retry-After) before and while the
+    server shuts down."""
     engine: Engine = request.app.state.engine
+    if _draining(request):
+        body = ReadyResponse(ready=False, detail="the server is shutting down").model_dump()
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
     if engine.is_ready():
         return JSONResponse(ReadyResponse(ready=True).model_dump(exclude_none=True))
     error = _load_error(request)

@@ -1,4 +1,5 @@
-"""The uvicorn server of ``moondream-server``: its configuration from the settings."""
+"""The uvicorn server of ``moondream-server``: its configuration from the settings, and the server
+object (uvicorn's, with a drain before shutdown)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from moondream_server.api.connection import http_protocol
+from moondream_server.api.shutdown import GracefulServer
 from moondream_server.settings import Settings
 
 
@@ -18,5 +20,10 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         ws="none",
         http=http_protocol(settings.header_timeout_s),
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # any float works
-        timeout_graceful_shutdown=10,
+        # What is left after the drain (GracefulServer) are idle connections: close them quickly.
+        timeout_graceful_shutdown=5,
     )
+
+
+def server(app: FastAPI, settings: Settings) -> GracefulServer:
+    return GracefulServer(uvicorn_config(app, settings), app.state.drain, settings.shutdown_grace_s)

@@ -1,0 +1,182 @@
+"""SIGTERM on a real ``moondream-server`` process with streamed and non-streamed requests in flight:
+each finishes within the grace period or is cut with the documented event (or 503 if its answer
+had not started), readiness and new requests get 503 while it drains, and the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+GRACE_S = 4.0
+SHORT, LONG = 100, 1900  # tokens: well inside the grace / far beyond it (the tiny model: ~5 ms each)
+
+
+class Process:
+    def __init__(self, model: Path, log: Path, *args: str) -> None:
+        exe = shutil.which("moondream-server", path=os.path.dirname(sys.executable))
+        assert exe is not None, "the console script is not installed"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("MOONDREAM_") and "proxy" not in k.lower()
+        }
+        self.log = log
+        self._out = log.open("w")
+        argv = [exe, "--model", str(model), "--device", "cpu", "--dtype", "float32", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [*argv, "--log-level", "info", *args], env=env, stdout=self._out, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.base + "/health/ready", trust_env=False).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+
+@pytest.fixture
+def process(never_stop_checkpoint: Path, tmp_path: Path) -> Iterator[Process]:
+    p = Process(never_stop_checkpoint, tmp_path / "server.log", "--shutdown-grace", str(GRACE_S))
+    try:
+        p.wait_ready()
+        yield p
+    finally:
+        p.close()
+
+
+def _body(tokens: int, stream: bool) -> dict[str, Any]:
+    return {"question": "hi", "stream": stream, "settings": {"temperature": 0, "max_tokens": tokens}}
+
+
+class Stream(threading.Thread):
+    """A streamed query read event by event; ``first`` is set once its first chunk arrived."""
+
+    def __init__(self, base: str, tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.base, self.tokens = base, tokens
+        self.first = threading.Event()
+        self.events: list[dict[str, Any]] = []
+        self.status: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with (
+                httpx.Client(trust_env=False, timeout=60) as c,
+                c.stream("POST", self.base + "/v1/query", json=_body(self.tokens, True)) as r,
+            ):
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        self.events.append(json.loads(line[6:]))
+                        self.first.set()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.first.set()
+
+
+class Call(threading.Thread):
+    def __init__(self, base: str, tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.base, self.tokens = base, tokens
+        self.response: httpx.Response | None = None
+
+    def run(self) -> None:
+        with httpx.Client(trust_env=False, timeout=60) as c:
+            self.response = c.post(self.base + "/v1/query", json=_body(self.tokens, False))
+
+
+def _active(base: str) -> int:
+    return int(httpx.get(base + "/health", trust_env=False).json()["requests"].get("active", 0))
+
+
+def test_sigterm_drains_cuts_and_exits_zero(process: Process) -> None:
+    base = process.base
+    short_stream, long_stream = Stream(base, SHORT), Stream(base, LONG)
+    short_call, long_call = Call(base, SHORT), Call(base, LONG)
+    for t in (long_stream, long_call, short_stream, short_call):
+        t.start()
+    deadline = time.monotonic() + 30
+    while _active(base) < 4:  # all four are being generated
+        assert time.monotonic() < deadline, "the requests did not all start"
+        time.sleep(0.02)
+    assert long_stream.first.wait(10) and short_stream.first.wait(10)
+
+    process.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    # Draining: readiness says so, new work is refused, the probes still answer.
+    deadline = sent + 3
+    while (ready := httpx.get(base + "/health/ready", trust_env=False)).status_code == 200:
+        assert time.monotonic() < deadline, "readiness did not turn 503"
+        time.sleep(0.02)
+    assert ready.status_code == 503 and ready.json()["detail"] == "the server is shutting down"
+    assert ready.headers["retry-after"]
+    refused = httpx.post(base + "/v1/query", json=_body(SHORT, False), trust_env=False)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "shutting_down" and int(refused.headers["retry-after"]) >= 1
+    assert httpx.get(base + "/health", trust_env=False).json()["ready"] is False
+
+    code = process.proc.wait(GRACE_S + 30)
+    exited = time.monotonic() - sent
+    for t in (long_stream, long_call, short_stream, short_call):
+        t.join(10)
+    log = process.log.read_text()
+    assert code == 0, log
+    assert GRACE_S <= exited < GRACE_S + 15, exited
+    assert "Application shutdown complete" in log
+
+    # Finished within the grace: whole answers.
+    assert short_call.response is not None and short_call.response.status_code == 200
+    assert short_call.response.json()["metrics"]["output_tokens"] == SHORT
+    assert short_stream.error is None and short_stream.status == 200
+    assert short_stream.events[-1]["completed"] is True and "error" not in short_stream.events[-1]
+    assert all(e["completed"] is False for e in short_stream.events[:-1])
+
+    # Still running when the grace ran out: the stream's last event says it was cut...
+    assert long_stream.error is None and long_stream.status == 200, long_stream.error
+    last = long_stream.events[-1]
+    assert last["completed"] is True and last["finish_reason"] == "shutdown", last
+    assert last["error"]["type"] == "server_shutdown" and "cut off" in last["error"]["message"]
+    assert last["request_id"]
+    chunks = [e["chunk"] for e in long_stream.events[:-1]]
+    assert len(chunks) >= 2 and all(e["completed"] is False for e in long_stream.events[:-1])
+    # ... and the call whose answer had not started gets 503.
+    assert long_call.response is not None and long_call.response.status_code == 503
+    assert long_call.response.json()["error"]["code"] == "shutting_down"
+    assert long_call.response.headers["retry-after"]
+
+
+def test_an_idle_server_exits_zero_without_waiting_for_the_grace(process: Process) -> None:
+    process.proc.send_signal(signal.SIGTERM)
+    assert process.proc.wait(30) == 0, process.log.read_text()
+    log = process.log.read_text()
+    assert "shutting down: 0 request(s) in flight" in log and "grace passed" not in log
+    assert "Application shutdown complete" in log
