@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import urllib.error
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -176,3 +177,79 @@ def test_missing_or_wrong_key_raises_http_401(
         next(iter(stream))
     assert caught.value.code == 401
     caught.value.close()
+
+
+# ------------------------------------------------------------------------------ chat() and segment()
+
+
+def chat_turn(vl: Any, img: Image.Image, question: str = QUESTION) -> list[dict[str, Any]]:
+    url = vl.encode_image(img).image_url
+    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
+    return [{"role": "user", "content": content}]
+
+
+def test_chat_answers_as_the_query_skill(vl: Any, tiny_model: Moondream, img2: Image.Image) -> None:
+    out = vl.chat(chat_turn(vl, img2), settings=GREEDY)
+    tiny_model.query(uploaded(vl, img2), QUESTION, settings=GREEDY)
+    last = tiny_model.last_result
+    assert out["message"]["role"] == "assistant"
+    assert out["message"]["content"] == last.text.text
+    assert out["finish_reason"] == last.text.finish_reason
+
+
+def test_chat_stream(vl: Any, tiny_model: Moondream, img1: Image.Image) -> None:
+    pieces = list(vl.chat(chat_turn(vl, img1), stream=True, settings=GREEDY)["message"])
+    assert len(pieces) >= 1 and all(isinstance(p, str) and p for p in pieces)
+    assert "".join(pieces) == tiny_model.query(uploaded(vl, img1), QUESTION, settings=GREEDY)["answer"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_reasoning_flag(vl: Any, tiny_model: Moondream, img2: Image.Image, stream: bool) -> None:
+    want = tiny_model.query(uploaded(vl, img2), QUESTION, reasoning=True, settings=GREEDY)
+    out = vl.chat(chat_turn(vl, img2), stream=stream, settings=GREEDY, reasoning=True)
+    if stream:
+        assert "".join(out["message"]) == want["answer"]
+        return
+    message = out["message"]
+    assert message["content"] == want["answer"]
+    assert message["reasoning"] == want["reasoning"]["text"]
+    assert len(message["reasoning_details"]["grounding"]) == len(want["reasoning"]["grounding"])
+
+
+def test_chat_with_api_key_sends_bearer(keyed_server: LiveServer, img1: Image.Image) -> None:
+    vl = md.vl(endpoint=f"{keyed_server.base_url}/v1", api_key=KEY)
+    assert isinstance(vl.chat(chat_turn(vl, img1), settings=GREEDY)["message"]["content"], str)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        md.vl(endpoint=f"{keyed_server.base_url}/v1", api_key="wrong").chat(chat_turn(vl, img1))
+    assert caught.value.code == 401
+    caught.value.close()
+
+
+@pytest.mark.parametrize("model", ["moondream3-preview/ft-abc123@40", "moondream-9b"])
+def test_a_model_the_server_does_not_serve_is_a_404(
+    server: LiveServer, img1: Image.Image, model: str
+) -> None:
+    vl = md.vl(endpoint=f"{server.base_url}/v1", model=model)
+    for call in (
+        lambda: vl.chat(chat_turn(vl, img1)),
+        lambda: vl.caption(img1),
+        lambda: vl.detect(img1, "cat"),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            call()
+        assert caught.value.code == 404
+        body = json.loads(caught.value.read())
+        caught.value.close()
+        assert body["error"]["code"] == "model_not_found" and model in body["error"]["message"]
+
+
+def test_segment_raises_the_documented_501(vl: Any, img1: Image.Image) -> None:
+    for stream in (False, True):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            out = vl.segment(img1, "cat", stream=stream)
+            if stream:
+                next(iter(out))
+        assert caught.value.code == 501
+        body = json.loads(caught.value.read())
+        caught.value.close()
+        assert "segmentation" in body["error"]["message"] and body["error"]["type"] == "not_implemented_error"

@@ -53,7 +53,11 @@ ObjectField = Annotated[
     ),
 ]
 ModelNameField = Annotated[
-    str | None, Field(max_length=MAX_MODEL_NAME_CHARS, description="Accepted and ignored.")
+    str | None,
+    Field(
+        max_length=MAX_MODEL_NAME_CHARS,
+        description="The served model or an alias (see GET /v1/models); another model is a 404.",
+    ),
 ]
 IMAGE_DOC = "The image as a data URL (data:image/<any>;base64,...) or bare base64."
 

@@ -28,41 +28,46 @@ from moondream_server.api.moondream_wire import (
 )
 
 
-class _Request(BaseModel):
+class V1Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    model: ModelNameField = None
+    variant: str | None = Field(
+        None, max_length=256, description="A LoRA variant (client 0.1.x): refused with a 400."
+    )
+    settings: SettingsIn | None = None
 
-class V1CaptionRequest(_Request):
+    @property
+    def requested_variant(self) -> object:
+        """The top-level ``variant``, or one given inside ``settings`` (as the reference model takes it)."""
+        if self.variant is not None:
+            return self.variant
+        return None if self.settings is None else (self.settings.model_extra or {}).get("variant")
+
+
+class V1CaptionRequest(V1Request):
     image_url: str = Field(..., description=IMAGE_DOC)
     length: CaptionLengthField = "normal"
     stream: bool = False
-    settings: SettingsIn | None = None
-    model: ModelNameField = None
 
 
-class V1QueryRequest(_Request):
+class V1QueryRequest(V1Request):
     question: QuestionField
     image_url: str | None = Field(None, description=IMAGE_DOC + " Omit it for a text-only query.")
     stream: bool = False
     reasoning: bool = Field(False, description="Think first; adds `reasoning` to the answer (not streamed).")
     spatial_refs: SpatialRefsField = None
-    settings: SettingsIn | None = None
-    model: ModelNameField = None
 
 
-class V1DetectRequest(_Request):
+class V1DetectRequest(V1Request):
     image_url: str = Field(..., description=IMAGE_DOC)
     object: ObjectField
-    settings: SettingsIn | None = None
-    model: ModelNameField = None
 
 
-class V1PointRequest(_Request):
+class V1PointRequest(V1Request):
     image_url: str = Field(..., description=IMAGE_DOC)
     object: ObjectField
     spatial_refs: SpatialRefsField = None
-    settings: SettingsIn | None = None
-    model: ModelNameField = None
 
 
 class V1Base(BaseModel):

@@ -21,7 +21,9 @@ from moondream_server.api.cloud.protocol import (
     V1PointResponse,
     V1QueryRequest,
     V1QueryResponse,
+    V1Request,
 )
+from moondream_server.api.errors import ApiError
 from moondream_server.api.image_input import image_from_string
 from moondream_server.api.moondream_sse import SSE_RESPONSE, chunk_stream
 from moondream_server.api.moondream_wire import (
@@ -32,11 +34,20 @@ from moondream_server.api.moondream_wire import (
     reasoning_out,
 )
 from moondream_server.api.openapi_docs import error_responses
+from moondream_server.api.served_model import check_model, check_variant
 from moondream_server.api.spatial_refs import check_spatial_refs
+from moondream_server.engine.base import Engine
 
 router = APIRouter(prefix="/v1", tags=["cloud-compatible (/v1)"], dependencies=[Depends(require_api_key)])
 
-_COMMON = (401, 413, 422, 429, 500, 503, 504)
+_COMMON = (401, 404, 413, 422, 429, 500, 503, 504)
+
+
+def _admit(request: Request, body: V1Request) -> Engine:
+    """Refuse another model or a variant, then a full queue, before the image is decoded."""
+    check_model(request, body.model)
+    check_variant(body.requested_variant, param="variant" if body.variant is not None else "settings.variant")
+    return ready_engine(request)
 
 
 @router.post(
@@ -46,7 +57,7 @@ _COMMON = (401, 413, 422, 429, 500, 503, 504)
     summary="Caption an image",
 )
 async def caption(body: V1CaptionRequest, request: Request) -> V1CaptionResponse | Response:
-    engine = ready_engine(request)
+    engine = _admit(request, body)
     image = await image_from_string(request, body.image_url, "image_url")
     job = serving.CaptionJob(image, body.length, engine_settings(body.settings))
     rid = serving.new_request_id("caption")
@@ -69,7 +80,7 @@ async def caption(body: V1CaptionRequest, request: Request) -> V1CaptionResponse
     summary="Answer a question about an image (or a text-only question)",
 )
 async def query(body: V1QueryRequest, request: Request) -> V1QueryResponse | Response:
-    engine = ready_engine(request)
+    engine = _admit(request, body)
     refs = check_spatial_refs(body.spatial_refs, has_image=body.image_url is not None)
     image = None if body.image_url is None else await image_from_string(request, body.image_url, "image_url")
     job = serving.QueryJob(image, body.question, body.reasoning, refs, engine_settings(body.settings))
@@ -93,7 +104,7 @@ async def query(body: V1QueryRequest, request: Request) -> V1QueryResponse | Res
     summary="Find bounding boxes of an object",
 )
 async def detect(body: V1DetectRequest, request: Request) -> V1DetectResponse:
-    engine = ready_engine(request)
+    engine = _admit(request, body)
     image = await image_from_string(request, body.image_url, "image_url")
     result = await serving.run(engine, serving.DetectJob(image, body.object, engine_settings(body.settings)))
     return V1DetectResponse(
@@ -110,7 +121,7 @@ async def detect(body: V1DetectRequest, request: Request) -> V1DetectResponse:
     summary="Find points on an object",
 )
 async def point(body: V1PointRequest, request: Request) -> V1PointResponse:
-    engine = ready_engine(request)
+    engine = _admit(request, body)
     check_spatial_refs(body.spatial_refs, has_image=True)
     image = await image_from_string(request, body.image_url, "image_url")
     result = await serving.run(engine, serving.PointJob(image, body.object, engine_settings(body.settings)))
@@ -120,4 +131,20 @@ async def point(body: V1PointRequest, request: Request) -> V1PointResponse:
         points=points,
         count=len(points),
         metrics=metrics_out(result.metrics),
+    )
+
+
+@router.post(
+    "/segment",
+    status_code=501,
+    responses=error_responses(401, 501, model=V1ErrorBody),
+    summary="Segment an object (not available: Moondream2 has no segmentation skill)",
+)
+async def segment() -> None:
+    """Always 501: the official client's ``segment()`` targets Moondream 3's skill."""
+    raise ApiError(
+        501,
+        "Moondream2 has no segmentation skill: /v1/segment needs Moondream 3, which this server does "
+        "not serve. Use /v1/detect for boxes or /v1/point for points.",
+        code="skill_not_available",
     )
