@@ -147,7 +147,12 @@ def test_bearer_and_every_key_source_work_on_every_route(keyed_server: LiveServe
             ):
                 r = c.request(method, path, headers=headers, json={})
                 assert r.status_code != 401, (method, path, headers)
-                assert r.status_code < 500, (method, path, r.text)
+                # /v1/segment answers 501 by design: Moondream2 has no segmentation skill
+                assert r.status_code < 500 or (path, r.status_code) == ("/v1/segment", 501), (
+                    method,
+                    path,
+                    r.text,
+                )
         body = {"question": "q", "settings": GREEDY}
         r = c.post("/v1/query", json=body, headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and isinstance(r.json()["answer"], str)

@@ -308,7 +308,8 @@ def test_prompt_longer_than_the_context_is_400(client: httpx.Client) -> None:
 
 
 def test_unknown_route_is_404_in_family_shape(client: httpx.Client) -> None:
-    assert_v1_error(client.post("/v1/segment", json={}), 404)
+    assert_v1_error(client.post("/v1/no-such-skill", json={}), 404)
+    assert_v1_error(client.post("/v1/segment", json={}), 501)  # Moondream2 has no segmentation skill
     assert_seed_error(client.post("/nope", json={}), 404)
 
 

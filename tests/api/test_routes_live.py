@@ -210,15 +210,17 @@ def test_v1_point_matches_model(client: httpx.Client, tiny_model: Moondream, pat
     assert body["count"] == len(want)
 
 
-def test_v1_ignores_model_variant_and_unknown_keys(client: httpx.Client, tiny_model: Moondream) -> None:
+def test_v1_serves_a_model_alias_and_ignores_unknown_keys(
+    client: httpx.Client, tiny_model: Moondream
+) -> None:
+    # (a LoRA variant or another model is refused: tests/api/test_served_model.py)
     body = {
         "image_url": file_data_url(IMG1),
         "length": "normal",
         "stream": False,
         "model": "moondream3-preview",
-        "variant": "foo",
         "something_new": [1, 2, 3],
-        "settings": {**GREEDY, "variant": "bar", "future_knob": 1},
+        "settings": {**GREEDY, "future_knob": 1},
     }
     r = client.post("/v1/caption", json=body)
     assert r.status_code == 200, r.text
