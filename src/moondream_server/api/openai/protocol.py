@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moondream_server.api.moondream_wire import GroundingOut
+from moondream_server.engine.params import MAX_TOKENS, TEMPERATURE, TOP_P
 
 
 class _Lenient(BaseModel):
@@ -52,10 +53,21 @@ class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessage] = Field(..., min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_completion_tokens: int | None = Field(None, ge=1, le=8192, description="Wins over max_tokens.")
-    max_tokens: int | None = Field(None, ge=1, le=8192, description="Older name of max_completion_tokens.")
-    temperature: float | None = Field(None, ge=0.0, le=10.0, description="0 = greedy decoding.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    # The engine's bounds (one set, from the model), as on Moondream's own routes.
+    max_completion_tokens: int | None = Field(
+        None, ge=MAX_TOKENS.ge, gt=MAX_TOKENS.gt, le=MAX_TOKENS.le, description="Wins over max_tokens."
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=MAX_TOKENS.ge,
+        gt=MAX_TOKENS.gt,
+        le=MAX_TOKENS.le,
+        description="Older name of max_completion_tokens.",
+    )
+    temperature: float | None = Field(
+        None, ge=TEMPERATURE.ge, gt=TEMPERATURE.gt, le=TEMPERATURE.le, description="0 = greedy decoding."
+    )
+    top_p: float | None = Field(None, ge=TOP_P.ge, gt=TOP_P.gt, le=TOP_P.le)
     reasoning: bool | None = Field(
         None, description="Moondream's own flag: think first; the message then carries `reasoning`."
     )
