@@ -252,6 +252,17 @@ def working_container(tag: str, name: str) -> Iterator[str]:
         run(["buildah", "rm", name], check=False)
 
 
+def check_config(config: dict[str, Any]) -> None:
+    """The image's configuration and history hold no trace of the build's pip configuration."""
+    text = json.dumps(config)
+    env = (config.get("Docker", {}).get("config") or {}).get("Env") or []
+    leaks = [e for e in env if e.startswith("PIP_")]
+    leaks += [word for word in ("PIP_CONFIG_FILE", f"{host_pip_config.MOUNT_ROOT}/") if word in text]
+    if leaks:
+        raise ImageTestError(f"the image's configuration or history names the build's pip setup: {leaks}")
+    say("config: no PIP_* variable, no trace of the build's pip configuration in the image's history")
+
+
 def check_contents(flavour: Flavour, container: str) -> None:
     """What the image holds: biggest packages, and nothing that must not be there."""
     root = Path(run(["buildah", "mount", container]).strip())
@@ -506,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ImageTestError(f"image is {size / 1e9:.2f} GB, over {flavour.max_size / 1e9:.2f} GB")
         config = inspect_image(tag)
         with working_container(tag, container):
+            check_config(config)
             check_contents(flavour, container)
             check_torch(flavour, container)
             serve_and_check(flavour, config, container, work)
