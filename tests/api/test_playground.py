@@ -357,7 +357,10 @@ def test_api_key_and_errors(
     assert page.is_visible("#error") and page.get_attribute("#error", "role") == "alert"
     assert page.locator("#overlay rect").count() == 0
 
+    assert page.get_attribute("#api-key", "aria-invalid") == "true"
+    assert page.evaluate("() => document.activeElement.id") == "api-key"
     page.fill("#api-key", key)
+    assert page.get_attribute("#api-key", "aria-invalid") is None
     with page.expect_request("**/v1/detect") as sent:
         run_ok(page)
     assert sent.value.headers["x-moondream-auth"] == key

@@ -132,8 +132,23 @@ el.form.addEventListener("change", (event) => {
   if (event.target.name === "skill") showFieldsFor(skill());
 });
 
-el.apiKey.value = sessionStorage.getItem(KEY_STORAGE) || "";
-el.apiKey.addEventListener("input", () => sessionStorage.setItem(KEY_STORAGE, el.apiKey.value));
+// The key is kept for this tab only (session storage), so a reload does not ask for it again.
+function remembered() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return ""; // storage disabled: the field just starts empty
+  }
+}
+el.apiKey.value = remembered();
+el.apiKey.addEventListener("input", () => {
+  el.apiKey.removeAttribute("aria-invalid");
+  try {
+    sessionStorage.setItem(KEY_STORAGE, el.apiKey.value);
+  } catch {
+    // storage disabled: the key still works for this page
+  }
+});
 
 function numberField(input) {
   return input.value.trim() === "" ? undefined : Number(input.value);
@@ -207,6 +222,7 @@ async function run() {
       body: JSON.stringify(body),
       signal: controller.signal,
     });
+    if (response.status === 401) el.apiKey.setAttribute("aria-invalid", "true");
     if (!response.ok) throw new Error(await describeHttpError(response));
     const type = response.headers.get("Content-Type") || "";
     if (type.startsWith("text/event-stream")) {
@@ -221,6 +237,7 @@ async function run() {
       addTiming("Stopped after", ms(performance.now() - started));
     } else {
       showError(err instanceof TypeError ? `Could not reach the server: ${err.message}` : err.message);
+      if (el.apiKey.getAttribute("aria-invalid") === "true") el.apiKey.focus();
     }
   } finally {
     controller = null;
