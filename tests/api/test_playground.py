@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
+from moondream_server.api.playground.router import ASSETS
 from tests.api.support import IMAGES, LiveServer, file_data_url, tiny_settings
 
 IMG2 = IMAGES[1]  # 640 × 480: not square, so a swapped x/y shows
@@ -228,6 +232,41 @@ def test_page_and_assets_are_served(server: LiveServer) -> None:
         missing = client.get("/no-such-route")
         assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
         assert client.get("/static/no-such-file.js").status_code == 404
+
+
+def test_the_wheel_ships_the_page(tmp_path: Path) -> None:
+    """`pip install .` installs the page: its files are package data of the built wheel."""
+    root = Path(__file__).resolve().parents[2]
+    project = tmp_path / "project"  # a copy, so that the build leaves nothing in the checkout
+    shutil.copytree(root / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, project / name)
+    out = tmp_path / "wheel"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(project),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = out.glob("moondream_server-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    static = root / "src" / "moondream_server" / "api" / "playground" / "static"
+    needed = {"index.html", *ASSETS}
+    assert needed == {f.name for f in static.iterdir()}, "every file in static/ is served, and only those"
+    for name in needed:
+        assert f"moondream_server/api/playground/static/{name}" in shipped, name
 
 
 def test_detect_point_and_streamed_answers(
