@@ -457,3 +457,33 @@ def test_stop_ends_the_stream_and_the_generation(
         assert time.monotonic() < deadline, health(server)
         time.sleep(0.1)
     assert health(server)["requests"]["completed"] == before["completed"]
+
+
+def test_boxes_follow_the_exif_orientation(
+    server: LiveServer, open_page: Callable[..., Page], tmp_path: Path
+) -> None:
+    """A phone photo stores its pixels sideways with an EXIF orientation; the server's coordinates
+    are for the upright image, and the browser shows it upright: the boxes must land on it."""
+    photo = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    with Image.open(IMG2) as img:
+        img.convert("RGB").save(photo, "JPEG", quality=90, exif=exif.tobytes())
+    page = open_page(server)
+    choose_image(page, photo)
+    assert "480 × 640" in (page.text_content("#image-info") or "")
+    img_rect = image_rect(page)
+    assert img_rect["h"] > img_rect["w"], "shown upright"
+    choose_skill(page, "detect")
+    page.fill("#object", OBJECT)
+    run_ok(page)
+    body = {"image_url": file_data_url(photo, "image/jpeg"), "object": OBJECT}
+    objects = api(server, "/v1/detect", body)["objects"]
+    assert objects
+    rects = shape_rects(page, "#overlay rect.box")
+    assert len(rects) == len(objects)
+    for rect, b in zip(rects, objects, strict=True):
+        assert rect["x"] == pytest.approx(img_rect["x"] + b["x_min"] * img_rect["w"], abs=TOLERANCE_PX)
+        assert rect["y"] == pytest.approx(img_rect["y"] + b["y_min"] * img_rect["h"], abs=TOLERANCE_PX)
+        assert rect["w"] == pytest.approx((b["x_max"] - b["x_min"]) * img_rect["w"], abs=TOLERANCE_PX)
+        assert rect["h"] == pytest.approx((b["y_max"] - b["y_min"]) * img_rect["h"], abs=TOLERANCE_PX)
