@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import moondream_server
@@ -16,6 +17,7 @@ from moondream_server.api.auth import AuthMiddleware
 from moondream_server.api.cross_origin import CORSMiddleware, CrossOriginGuard, cors_middleware_options
 from moondream_server.api.decoder import ImageDecoder
 from moondream_server.api.disconnect import CancelOnDisconnectMiddleware
+from moondream_server.api.docs_pages import DOCS_ASSETS, DocsPolicyMiddleware
 from moondream_server.api.errors import install_exception_handlers, register_error_shape
 from moondream_server.api.images import configure_pillow
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
@@ -68,12 +70,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await engine.stop()
             decoder.close()
 
-    app = FastAPI(
+    # fastapi-offline: /docs and /redoc load Swagger UI and ReDoc from files it ships, served under
+    # DOCS_ASSETS, instead of from a CDN (a blank page offline), and ReDoc without Google Fonts.
+    # See docs_pages.py.
+    app = FastAPIOffline(
         title="moondream-server",
         version=moondream_server.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
         redirect_slashes=False,
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -102,6 +109,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.add_middleware(AuthMiddleware, keys=keys, public_metrics=settings.public_metrics)
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
+    app.add_middleware(DocsPolicyMiddleware)
     origins = settings.cors_origin_set()
     if origins:
         app.add_middleware(CORSMiddleware, **cors_middleware_options(origins))  # type: ignore[arg-type]

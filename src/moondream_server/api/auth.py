@@ -38,7 +38,7 @@ PUBLIC_PATHS = frozenset(
         "/openapi.json",
     }
 )
-PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PREFIXES = ("/static/", "/docs/")  # the playground's and the docs' assets
 METRICS_PATH = "/metrics"
 
 _header_scheme = APIKeyHeader(
