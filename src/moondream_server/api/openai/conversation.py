@@ -1,37 +1,17 @@
-"""A chat conversation turned into one Moondream2 query, or refused with a 400 saying why.
+"""An OpenAI chat request checked for what Moondream2 cannot honour, and its messages turned into
+the turns of ``chat_question`` (which folds them into one query).
 
-Moondream2 answers one question about at most one image; it has no chat template. So:
-
-* the **last message must be the user's**, and its text parts (joined by newlines) are the
-  question; it must have some text;
-* **one image** at most in the whole conversation, in any user message (a follow-up question
-  about an image sent earlier is common); two or more are refused;
-* **system / developer messages and earlier turns are folded into the question** as plain text
-  before it (system text first, then ``Earlier in this conversation:`` with one ``User:`` /
-  ``Assistant:`` line per turn), so nothing the client sent is dropped. A single user message
-  with no system message is asked exactly as written;
-* ``tool`` / ``function`` messages, and request fields whose effect the model cannot give
-  (``n`` > 1, ``stop``, tools, a non-text ``response_format``, ``logprobs``, penalties,
-  ``logit_bias``, ``seed``, audio output, predicted outputs) are refused by name.
+Request fields whose effect the model cannot give (``n`` > 1, ``stop``, tools, a non-text
+``response_format``, ``logprobs``, penalties, ``logit_bias``, ``seed``, audio output, predicted
+outputs) are refused by name with a 400; ``user``, ``metadata`` and other unknown fields are
+ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from moondream_server.api.errors import ApiError
-from moondream_server.api.openai.protocol import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
-
-
-@dataclass(frozen=True)
-class Question:
-    text: str
-    image_url: str | None  # the one image's URL, if the conversation has one
-    image_param: str  # where it was, for error messages: messages[i].content[j].image_url.url
-
-
-def _refuse(param: str, message: str) -> ApiError:
-    return ApiError(400, message, code="unsupported_parameter", param=param)
+from moondream_server.api.chat_question import Turn
+from moondream_server.api.chat_question import refuse as _refuse
+from moondream_server.api.openai.protocol import ChatCompletionRequest, ChatMessage, TextPart
 
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -63,57 +43,21 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
         raise _refuse("prediction", "predicted outputs are not supported by this server")
 
 
-def _texts(message: ChatMessage, i: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """The message's text pieces and its images as (url, param)."""
-    if message.content is None:
-        return [], []
-    if isinstance(message.content, str):
-        return [message.content], []
-    texts: list[str] = []
-    images: list[tuple[str, str]] = []
-    for j, part in enumerate(message.content):
-        if isinstance(part, TextPart):
-            texts.append(part.text)
-        elif isinstance(part, ImagePart):
-            url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-            suffix = "" if isinstance(part.image_url, str) else ".url"
-            images.append((url, f"messages[{i}].content[{j}].image_url{suffix}"))
-    return texts, images
-
-
-def to_question(messages: list[ChatMessage]) -> Question:
-    system: list[str] = []
-    turns: list[str] = []
-    images: list[tuple[str, str]] = []
-    last = len(messages) - 1
-    if messages[last].role != "user":
-        raise _refuse(f"messages[{last}]", "the last message must be the user's question")
-    question = ""
+def to_turns(messages: list[ChatMessage]) -> list[Turn]:
+    turns = []
     for i, message in enumerate(messages):
-        if message.role in ("tool", "function"):
-            raise _refuse(f"messages[{i}]", f"{message.role} messages are not supported: no tool calls here")
-        texts, found = _texts(message, i)
-        if found and message.role != "user":
-            raise _refuse(f"messages[{i}]", "images are only taken from user messages")
-        images.extend(found)
+        texts: list[str] = []
+        images: list[tuple[str, str]] = []
+        if isinstance(message.content, str):
+            texts.append(message.content)
+        elif message.content is not None:
+            for j, part in enumerate(message.content):
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                elif isinstance(part.image_url, str):
+                    images.append((part.image_url, f"messages[{i}].content[{j}].image_url"))
+                else:
+                    images.append((part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
         text = "\n".join(t for t in texts if t.strip())
-        if i == last:
-            question = text
-        elif message.role in ("system", "developer"):
-            if text:
-                system.append(text)
-        elif text:
-            turns.append(f"{'User' if message.role == 'user' else 'Assistant'}: {text}")
-    if not question.strip():
-        raise _refuse(f"messages[{last}].content", "the last user message has no text: ask a question")
-    if len(images) > 1:
-        raise _refuse(
-            images[1][1],
-            f"Moondream2 answers about one image per request; this conversation has {len(images)} images",
-        )
-    parts = [*system]
-    if turns:
-        parts.append("Earlier in this conversation:\n" + "\n".join(turns))
-    parts.append(question)
-    url, param = images[0] if images else (None, "")
-    return Question("\n\n".join(parts), url, param)
+        turns.append(Turn(message.role, text, images, f"messages[{i}]"))
+    return turns

@@ -23,10 +23,11 @@ from sse_starlette import EventSourceResponse
 from moondream_server.api import serving
 from moondream_server.api.app_state import ready_engine
 from moondream_server.api.auth import require_api_key
+from moondream_server.api.chat_question import to_question
 from moondream_server.api.cloud.protocol import V1ErrorBody
 from moondream_server.api.image_input import image_from_string
 from moondream_server.api.moondream_wire import reasoning_out
-from moondream_server.api.openai.conversation import refuse_unsupported, to_question
+from moondream_server.api.openai.conversation import refuse_unsupported, to_turns
 from moondream_server.api.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -97,12 +98,12 @@ def _usage(result: TextResult | None) -> Usage:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
     check_model(request, body.model)
     refuse_unsupported(body)
-    question = to_question(body.messages)
+    question = to_question(to_turns(body.messages))
     engine = ready_engine(request)
     image = (
         None
-        if question.image_url is None
-        else await image_from_string(request, question.image_url, question.image_param)
+        if question.image is None
+        else await image_from_string(request, question.image, question.image_param)
     )
     settings = SamplingSettings(
         temperature=body.temperature,
