@@ -469,10 +469,10 @@ def stop(launcher: subprocess.Popen[bytes], server: int | None, log: Path) -> No
         with suppress(ProcessLookupError):
             os.kill(server, signal.SIGTERM)
     try:
-        launcher.wait(timeout=60)
-        # uvicorn ends by re-raising the signal, so buildah reports a failure status either way.
-        graceful = "Application shutdown complete" in log.read_text(errors="replace")
-        say(f"serve: SIGTERM -> {'graceful shutdown' if graceful else 'stopped without a clean shutdown'}")
+        code = launcher.wait(timeout=60)
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        # Reported, not judged: how the server drains is the server's business (its own tests).
+        say(f"serve: SIGTERM -> buildah run exited {code}; the server's last lines: {' | '.join(tail)}")
     except subprocess.TimeoutExpired:
         with suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
