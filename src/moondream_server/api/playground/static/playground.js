@@ -215,8 +215,9 @@ async function run() {
   const key = el.apiKey.value.trim();
   if (key) headers["X-Moondream-Auth"] = key;
   const started = performance.now();
+  const target = image; // what the answer's coordinates will refer to, whatever is picked meanwhile
   try {
-    const response = await fetch(`/v1/${current}`, {
+    const response = await send(`/v1/${current}`, {
       method: "POST",
       headers,
       body: JSON.stringify(body),
@@ -228,7 +229,7 @@ async function run() {
     if (type.startsWith("text/event-stream")) {
       await readStream(response, started);
     } else {
-      showAnswer(current, await response.json(), started);
+      showAnswer(current, await response.json(), started, target);
     }
     if (el.result.dataset.state !== "error") el.result.dataset.state = "done";
   } catch (err) {
@@ -236,12 +237,22 @@ async function run() {
       el.result.dataset.state = "stopped";
       addTiming("Stopped after", ms(performance.now() - started));
     } else {
-      showError(err instanceof TypeError ? `Could not reach the server: ${err.message}` : err.message);
+      showError(err.message);
       if (el.apiKey.getAttribute("aria-invalid") === "true") el.apiKey.focus();
     }
   } finally {
     controller = null;
     setRunning(false);
+  }
+}
+
+// fetch() rejects with a TypeError when the server cannot be reached: say so in words.
+async function send(url, options) {
+  try {
+    return await fetch(url, options);
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new Error(`Could not reach the server: ${err.message}`);
   }
 }
 
@@ -320,18 +331,18 @@ async function readStream(response, started) {
   addTiming("Streamed pieces", String(pieces));
 }
 
-function showAnswer(current, payload, started) {
+function showAnswer(current, payload, started, target) {
   const end = performance.now();
   el.rawText.textContent = JSON.stringify(payload, null, 2);
   el.raw.hidden = false;
   if (current === "caption" || current === "query") {
     el.answer.hidden = false;
     el.answer.textContent = current === "caption" ? payload.caption : payload.answer;
-    if (payload.reasoning) showReasoning(payload.reasoning);
+    if (payload.reasoning) showReasoning(payload.reasoning, target);
   } else if (current === "detect") {
-    drawBoxes(payload.objects);
+    drawBoxes(payload.objects, target);
   } else {
-    drawPoints(payload.points);
+    drawPoints(payload.points, target);
   }
   const m = payload.metrics;
   if (m && (current === "caption" || current === "query")) {
@@ -352,17 +363,24 @@ function svg(name, attrs) {
   return node;
 }
 
-// Shapes live in the image's own pixel grid (the SVG's viewBox), so they scale with the image.
+// Shapes live in the image's own pixel grid (the SVG's viewBox), so they scale with the image. They
+// are drawn only over the image the request was about (none for a text-only query, none if another
+// image was picked while the request ran); the table lists the coordinates in any case.
 function label(index, x, y, size) {
   const text = svg("text", { x, y, class: "label", "font-size": size });
   text.textContent = String(index + 1);
   return text;
 }
 
-function drawBoxes(boxes) {
-  const { width: w, height: h } = image;
+function onShownImage(target) {
+  return target !== null && target === image;
+}
+
+function drawBoxes(boxes, target) {
+  const { width: w, height: h } = target || {};
   const size = Math.max(w, h) * 0.035;
-  boxes.forEach((b, i) => {
+  const drawn = onShownImage(target) ? boxes : [];
+  drawn.forEach((b, i) => {
     const group = svg("g", { class: "shape", "data-index": i });
     group.append(
       svg("rect", {
@@ -385,7 +403,7 @@ function drawBoxes(boxes) {
 }
 
 // The reasoning text with its grounded spans marked, and the points they refer to drawn.
-function showReasoning(reasoning) {
+function showReasoning(reasoning, target) {
   // start_idx/end_idx count characters (code points), not UTF-16 units.
   const chars = Array.from(reasoning.text);
   const points = [];
@@ -406,13 +424,14 @@ function showReasoning(reasoning) {
   nodes.push(chars.slice(at).join(""));
   el.reasoningText.replaceChildren(...nodes);
   el.reasoningBox.hidden = false;
-  if (points.length) drawPoints(points, "the reasoning looked at");
+  if (points.length) drawPoints(points, target, "the reasoning looked at");
 }
 
-function drawPoints(points, what = "") {
-  const { width: w, height: h } = image;
+function drawPoints(points, target, what = "") {
+  const { width: w, height: h } = target || {};
   const r = Math.max(w, h) * 0.012;
-  points.forEach((p, i) => {
+  const drawn = onShownImage(target) ? points : [];
+  drawn.forEach((p, i) => {
     const group = svg("g", { class: "shape", "data-index": i });
     group.append(
       svg("circle", { class: "point", cx: p.x * w, cy: p.y * h, r, "data-index": i }),
