@@ -279,6 +279,19 @@ def test_detect_point_and_streamed_answers(
     choose_skill(page, "detect")
     assert run_and_wait(page) == "error"
     assert page.text_content("#error") == "Choose an image first."
+    # ...except a query, which the model answers without an image.
+    choose_skill(page, "query")
+    page.fill("#question", QUESTION)
+    open_settings(page)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(GREEDY["max_tokens"]))
+    with page.expect_request("**/v1/query") as sent:
+        run_ok(page)
+    assert "image_url" not in sent.value.post_data_json
+    assert (
+        page.text_content("#answer")
+        == api(server, "/v1/query", {"question": QUESTION, "settings": GREEDY})["answer"]
+    )
 
     choose_image(page, IMG2)
     assert "640 × 480" in (page.text_content("#image-info") or "")
@@ -287,7 +300,6 @@ def test_detect_point_and_streamed_answers(
     # ---- point
     choose_skill(page, "point")
     page.fill("#object", OBJECT)
-    open_settings(page)
     page.fill("#max-objects", str(MAX_OBJECTS))
     with page.expect_request("**/v1/point") as sent:
         run_ok(page)
@@ -333,9 +345,6 @@ def test_detect_point_and_streamed_answers(
 
     # ---- query, streamed: the same pieces as the SSE stream, ending in the non-streamed answer
     choose_skill(page, "query")
-    page.fill("#question", QUESTION)
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", str(GREEDY["max_tokens"]))
     assert page.is_checked("#stream")
     body = {"image_url": image_url, "question": QUESTION, "settings": GREEDY}
     expected = api(server, "/v1/query", body)["answer"]
