@@ -428,6 +428,16 @@ def test_api_key_and_errors(
     assert run_and_wait(page) == "error"
     assert (page.text_content("#error") or "").startswith("Max objects:")
     page.fill("#max-objects", "")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    page.set_input_files("#file", str(notes))
+    page.wait_for_selector("#result[data-state=error]")
+    assert page.text_content("#error") == '"notes.txt" is not an image file.'
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    page.set_input_files("#file", str(broken))
+    page.wait_for_selector("#error:has-text('cannot display')")
+    assert (page.text_content("#image-info") or "").startswith("img2.png"), "the last good image stays"
 
     # ...and shows the server's own message for what only the server can refuse.
     big = tmp_path / "big.png"

@@ -67,15 +67,18 @@ async function setImage(file) {
     return;
   }
   const dataUrl = await readAsDataUrl(file);
-  el.image.src = dataUrl;
+  // Decoded aside first, so that a file the browser cannot show leaves the current image in place.
+  const probe = new Image();
+  probe.src = dataUrl;
   try {
-    await el.image.decode();
+    await probe.decode();
   } catch {
     showError(`This browser cannot display "${file.name}"; try a JPEG, PNG or WebP image.`);
     return;
   }
   // naturalWidth/Height follow the EXIF orientation, as the server's coordinates do.
-  image = { dataUrl, name: file.name, width: el.image.naturalWidth, height: el.image.naturalHeight };
+  image = { dataUrl, name: file.name, width: probe.naturalWidth, height: probe.naturalHeight };
+  el.image.src = dataUrl;
   el.image.alt = `The chosen image, ${file.name}`;
   el.frame.style.setProperty("--aspect", String(image.width / image.height));
   el.overlay.setAttribute("viewBox", `0 0 ${image.width} ${image.height}`);
@@ -94,6 +97,7 @@ function formatBytes(n) {
 
 el.file.addEventListener("change", () => {
   if (el.file.files.length) setImage(el.file.files[0]);
+  el.file.value = ""; // picking the same file again still counts as a change
 });
 // A file dropped anywhere on the page is taken (the browser would otherwise navigate to it).
 for (const type of ["dragenter", "dragover"]) {
