@@ -93,9 +93,11 @@ def test_main_runs_uvicorn_with_the_app(monkeypatch: pytest.MonkeyPatch) -> None
     assert seen["app"].state.api_keys == {"x"}
 
 
-def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
-    """`moondream-server` as a real process: flags and env reach the server; SIGTERM shuts it down
-    gracefully (uvicorn finishes the lifespan, stopping the engine, then re-raises the signal)."""
+@pytest.mark.parametrize("launcher", ["console-script", "python-m"])
+def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path, launcher: str) -> None:
+    """`moondream-server` (and `python -m moondream_server`) as a real process: flags and env reach
+    the server; SIGTERM shuts it down gracefully (uvicorn finishes the lifespan, stopping the
+    engine, then re-raises the signal)."""
     import os
     import shutil
     import signal
@@ -110,12 +112,13 @@ def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
 
     exe = shutil.which("moondream-server", path=os.path.dirname(sys.executable))
     assert exe is not None, "the console script is not installed"
+    command = [exe] if launcher == "console-script" else [sys.executable, "-m", "moondream_server"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOONDREAM_") and "proxy" not in k.lower()}
     env["MOONDREAM_API_KEYS"] = "env-key"
-    args = [exe, "--model", str(TINY), "--device", "cpu", "--dtype", "float32", "--port", str(port)]
+    args = [*command, "--model", str(TINY), "--device", "cpu", "--dtype", "float32", "--port", str(port)]
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([*args, "--log-level", "info"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
