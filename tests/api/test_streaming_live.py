@@ -203,3 +203,50 @@ def test_client_disconnect_stops_generation(long_server: LiveServer) -> None:
     with long_server.client() as c:
         r = c.post("/v1/query", json={"question": "hi", "settings": {"temperature": 0.0, "max_tokens": 3}})
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            {
+                "model": "moondream2",
+                "stream": True,
+                "temperature": 0,
+                "max_tokens": 1200,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Describe it."},
+                            {"type": "image_url", "image_url": {"url": file_data_url(IMG1)}},
+                        ],
+                    }
+                ],
+            },
+        ),
+        (
+            "/api/generate",
+            {
+                "model": "moondream2",
+                "prompt": "Describe it.",
+                "images": [file_data_url(IMG1).split(",", 1)[1]],
+                "options": {"temperature": 0, "num_predict": 1200},
+            },
+        ),
+    ],
+    ids=["openai", "ollama"],
+)
+def test_client_disconnect_stops_generation_on_every_surface(
+    long_server: LiveServer, path: str, body: dict[str, Any]
+) -> None:
+    before = counters(long_server)
+    with long_server.client() as c, c.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.strip())
+    deadline = time.monotonic() + 20
+    while counters(long_server)["interrupted"] == before["interrupted"]:
+        assert time.monotonic() < deadline, "generation was not stopped after the client left"
+        time.sleep(0.05)
+    assert counters(long_server)["completed"] == before["completed"]
