@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -20,6 +21,7 @@ from moondream_server.api.disconnect import CancelOnDisconnectMiddleware
 from moondream_server.api.docs_pages import DOCS_ASSETS, DocsPolicyMiddleware
 from moondream_server.api.errors import install_exception_handlers, register_error_shape
 from moondream_server.api.images import configure_pillow
+from moondream_server.api.metrics import AppMetrics, MetricsMiddleware
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
 from moondream_server.api.shutdown import Drain, DrainMiddleware
 from moondream_server.api.surface import discover_surfaces
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
         engine = create_engine(settings)
     configure_pillow(settings.max_image_pixels)
+    app_metrics = AppMetrics(engine, settings.engine)
     decoder = ImageDecoder(
         max_pixels=settings.max_image_pixels,
         max_side=settings.max_image_side,
@@ -58,7 +61,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /health answers at once, /health/ready turns 200 when loaded.
-        task = asyncio.create_task(engine.start(), name="engine-start")
+        task = asyncio.create_task(_timed_start(engine, app_metrics), name="engine-start")
         task.add_done_callback(_log_start_result)
         try:
             yield
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.image_decoder = decoder
     app.state.api_keys = keys = settings.resolved_api_keys()
     app.state.drain = Drain()
+    app.state.metrics = app_metrics
     if keys:
         where = "open" if settings.public_metrics else "behind the keys"
         log.info("authentication on: %d key(s); /metrics is %s", len(keys), where)
@@ -116,8 +120,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(CrossOriginGuard, allowed_origins=origins)
     if settings.allowed_host_list():
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_host_list())
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics, routes_of=app)
     app.add_middleware(PathNormalizeMiddleware)
     return app
+
+
+async def _timed_start(engine: Engine, app_metrics: AppMetrics) -> None:
+    start = time.perf_counter()
+    await engine.start()
+    app_metrics.load_seconds = time.perf_counter() - start
 
 
 def _log_start_result(task: asyncio.Task[None]) -> None:

@@ -22,6 +22,7 @@ from typing import overload
 
 from PIL import Image
 
+from moondream_server.api.metrics import observe_generation
 from moondream_server.engine.base import Engine
 from moondream_server.engine.types import (
     CaptionLength,
@@ -85,11 +86,12 @@ async def run(engine: Engine, job: PointJob) -> PointResult: ...
 
 async def run(engine: Engine, job: Job) -> TextResult | DetectResult | PointResult:
     """The whole answer at once."""
+    result: TextResult | DetectResult | PointResult
     match job:
         case CaptionJob():
-            return await engine.caption(job.image, job.length, job.settings)
+            result = await engine.caption(job.image, job.length, job.settings)
         case QueryJob():
-            return await engine.query(
+            result = await engine.query(
                 job.image,
                 job.question,
                 reasoning=job.reasoning,
@@ -97,9 +99,15 @@ async def run(engine: Engine, job: Job) -> TextResult | DetectResult | PointResu
                 settings=job.settings,
             )
         case DetectJob():
-            return await engine.detect(job.image, job.object, job.settings)
+            result = await engine.detect(job.image, job.object, job.settings)
         case PointJob():
-            return await engine.point(job.image, job.object, job.settings)
+            result = await engine.point(job.image, job.object, job.settings)
+    observe_generation(task_of(job), result.metrics)
+    return result
+
+
+def task_of(job: Job) -> str:
+    return {CaptionJob: "caption", QueryJob: "query", DetectJob: "detect", PointJob: "point"}[type(job)]
 
 
 class Generation:
@@ -112,11 +120,16 @@ class Generation:
     """
 
     def __init__(
-        self, first: str | None, rest: TextStream | None = None, result: TextResult | None = None
+        self,
+        first: str | None,
+        rest: TextStream | None = None,
+        result: TextResult | None = None,
+        task: str | None = None,
     ) -> None:
         self._first = first
         self._rest = rest
         self._result = result
+        self._task = task  # set: report the finished stream's metrics (see api/metrics.py)
 
     @property
     def result(self) -> TextResult | None:
@@ -135,6 +148,10 @@ class Generation:
     async def aclose(self) -> None:
         if self._rest is not None:
             await self._rest.aclose()
+        result, task = self.result, self._task
+        self._task = None
+        if result is not None and task is not None:
+            observe_generation(task, result.metrics)
 
 
 async def stream(engine: Engine, job: TextJob) -> Generation:
@@ -155,4 +172,4 @@ async def stream(engine: Engine, job: TextJob) -> Generation:
     except BaseException:
         await pieces.aclose()
         raise
-    return Generation(first, pieces)
+    return Generation(first, pieces, task=task_of(job))
