@@ -9,7 +9,7 @@ PIP_TORCH_ARGS ?=
 IMAGE_TEST_ARGS ?=
 ARGS ?=
 
-.PHONY: run test setup lint typecheck bench clean chromium image-tools image-test image-test-cuda
+.PHONY: run test setup lint typecheck bench clean chromium promtool image-tools image-test image-test-cuda
 
 # The server alone: what `make run` needs.
 $(VENV)/.installed: pyproject.toml
@@ -43,7 +43,13 @@ chromium:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "could not install chromium: the playground's browser test will skip"
 
-test: $(VENV)/.dev-installed lint chromium
+# promtool (Debian's prometheus package, ~19 MB) checks /metrics in a test; without it that check skips.
+promtool:
+	@command -v promtool >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+	  echo "could not install prometheus: the promtool check of /metrics will skip"
+
+test: $(VENV)/.dev-installed lint chromium promtool
 	$(PY) -m pytest
 
 # Build Dockerfile.cpu (or Dockerfile) with buildah on a local Debian base and serve the tiny golden
