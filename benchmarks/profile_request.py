@@ -1,6 +1,6 @@
 """Where one short request's time goes: the batched engine's path without HTTP, under the profiler.
 
-Runs the scheduler inline (``run_once``) over a ``ModelRuntime`` on the full-size random
+Runs the scheduler inline (``run_once``) over a ``MoondreamRuntime`` on the full-size random
 checkpoint: a short answer (--tokens) about a fresh image, the request the HTTP benchmark times.
 Prints the wall time of each scheduler iteration and the profiler's top operators by self CPU
 time and by device time; writes a Chrome trace with --trace.
@@ -39,17 +39,18 @@ def main() -> None:
     from PIL import Image
     from torch.profiler import ProfilerActivity, profile
 
-    from moondream_server.engine.runtime import ModelRuntime
     from moondream_server.engine.scheduler import Request, Scheduler
     from moondream_server.model import load
+    from moondream_server.model.params import TextSettings
+    from moondream_server.model.tasks import QueryTask
 
     model = load(str(ensure_checkpoint(args.model)), device=args.device, dtype=args.dtype)
     gpu = model.device.type == "cuda"
-    rt = ModelRuntime(model, max_vision_crops=32, kv_pool_slots=args.slots if gpu else 0)
-    rt.warm_graphs()
+    rt = model.runtime(max_vision_crops=32, kv_pool_slots=args.slots if gpu else 0)
+    rt.warm()
     sched = Scheduler(rt, max_batch_size=args.slots, max_step_tokens=4096, decode_first_s=0.0)
     w, h = (int(v) for v in args.size.split("x"))
-    settings = {"max_tokens": args.tokens, "temperature": 0.0}
+    settings = TextSettings(max_tokens=args.tokens, temperature=0.0)
 
     def sync() -> None:
         if gpu:
@@ -59,14 +60,7 @@ def main() -> None:
         """One short answer about a fresh image; wall time of every scheduler iteration."""
         img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
         req = Request(
-            program=rt.query(
-                "Describe the colours.",
-                settings,
-                with_image=True,
-                reasoning=False,
-                spatial_refs=None,
-                on_text=None,
-            ),
+            program=rt.program(QueryTask("Describe the colours.", with_image=True, settings=settings)),
             image=rt.prepare(img),
             image_key=rt.image_key(img),
             deadline=float("inf"),

@@ -12,9 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
+from moondream_server.engine.batched import BatchedEngine
 from moondream_server.engine.loader import model_loader
-from moondream_server.engine.serial import ModelLike, SerialEngine
 from moondream_server.engine.types import EngineInfo
+from moondream_server.model import Moondream
 from moondream_server.settings import Settings
 from tests.api.support import GREEDY, IMAGES, LiveServer, file_data_url, tiny_settings
 
@@ -50,9 +51,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def engine_for(settings: Settings, loader: Callable[[], ModelLike]) -> SerialEngine:
+def engine_for(settings: Settings, loader: Callable[[], Moondream]) -> BatchedEngine[Any, Any, Any]:
     info = EngineInfo(settings.model, settings.revision, settings.device, settings.dtype)
-    return SerialEngine(
+    return BatchedEngine(
         loader, info=info, max_queue=settings.max_queue, request_timeout_s=settings.request_timeout_s
     )
 
@@ -130,7 +131,7 @@ def test_not_ready_is_503_until_loaded_and_warm(start_server: StartServer) -> No
     settings = tiny_settings()
     gate = threading.Event()
 
-    def gated_loader() -> ModelLike:
+    def gated_loader() -> Moondream:
         assert gate.wait(60)
         return model_loader(settings)
 

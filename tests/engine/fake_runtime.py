@@ -1,4 +1,4 @@
-"""A weightless ``Runtime`` for the scheduler tests.
+"""A weightless ``ModelRuntime`` (``model/seam.py``) for the scheduler tests.
 
 Sequences are counters of fed positions; a program's outputs carry the position the sequence
 has reached, so a test can tell exactly what each program was fed, and every step is logged.
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from moondream_server.engine.runtime import StepItem, null_session
 from moondream_server.model.decoding import StepOutput
+from moondream_server.model.seam import StepItem
 
 PREFIX = 6  # positions of a fake image prefix
 
@@ -44,7 +44,7 @@ class FakeRuntime:
     _ids: Any = field(default_factory=itertools.count)
 
     def session(self) -> contextlib.AbstractContextManager[None]:
-        return null_session()
+        return contextlib.nullcontext()
 
     def image_key(self, image: Any) -> Hashable:
         if not isinstance(image, str):

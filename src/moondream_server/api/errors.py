@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moondream_server.api.images import ImageError
+from moondream_server.engine.base import Engine
 from moondream_server.engine.errors import (
     DeadlineExceededError,
     EngineError,
@@ -178,8 +179,8 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def on_image_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ImageError)
         if exc.status == 429:  # the in-flight pixel budget: overload, like a full queue
-            estimate = getattr(request.app.state.engine, "retry_after_s", None)
-            headers = _retry_after(estimate() if callable(estimate) else 1.0)
+            engine: Engine = request.app.state.engine
+            headers = _retry_after(engine.retry_after_s())
             return render_error(
                 request.url.path, 429, exc.message, code="image_budget_full", param=exc.param, headers=headers
             )

@@ -1,7 +1,7 @@
-"""The interface the API layer programs against.
+"""The interface the API layer programs against: everything it asks of an engine, typed.
 
-Two implementations exist: a one-request-at-a-time engine (the baseline) and the batching
-scheduler. Routes never know which one serves them.
+``engine/batched.py`` implements it (one request at a time is a preset of it); tests may
+implement it with fakes. Routes never know which one serves them.
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ class Engine(Protocol):
     def check_capacity(self) -> None:
         """Raise what admission would raise now (NotReadyError, QueueFullError), so the API can
         refuse a request before decoding its image."""
+        ...
+
+    def retry_after_s(self) -> float:
+        """Seconds a client refused for overload should wait before trying again."""
         ...
 
     async def caption(

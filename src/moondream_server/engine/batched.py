@@ -1,13 +1,15 @@
-"""The batching engine: the ``Engine`` protocol over the continuous-batching scheduler.
+"""The engine: the ``Engine`` protocol over the continuous-batching scheduler.
 
-Requests become decode programs (validated on the caller's side, so bad settings or spatial
-references fail at once with InvalidRequestError) and are handed to the scheduler thread, which
-owns the model. Results come back through ``loop.call_soon_threadsafe``; streams receive every
-text piece as soon as its tokens are decoded. Leaving (a cancelled task, a closed stream, a
-passed deadline) marks the request cancelled and the scheduler frees its slot at the next step.
+A request becomes a typed task (``model/tasks.py``: its settings resolved over the model's
+defaults, checked at once, so bad input fails with InvalidRequestError before it queues), then
+the task's decode program (built on a worker thread: it tokenizes), handed to the scheduler
+thread, which owns the model. Results come back through ``loop.call_soon_threadsafe``; streams
+receive every text piece as soon as its tokens are decoded. Leaving (a cancelled task, a closed
+stream, a passed deadline) marks the request cancelled and the scheduler frees its slot at the
+next step.
 
-Selected with ``MOONDREAM_ENGINE=batched`` (``engine/loader.py`` imports this module and calls
-``create_engine(settings)``).
+One-request-at-a-time serving (``--engine serial``) is this engine with one slot and no image
+cache (``engine/loader.py``).
 """
 
 from __future__ import annotations
@@ -17,17 +19,16 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Generic, Literal
 
 from PIL import Image
 
 from moondream_server.engine.errors import DeadlineExceededError, NotReadyError
 from moondream_server.engine.image_cache import ImageCache
-from moondream_server.engine.runtime import ModelRuntime, OnText
+from moondream_server.engine.params import CaptionLength, SamplingSettings, SpatialRef
 from moondream_server.engine.scheduler import Request, Scheduler, request_error
 from moondream_server.engine.types import (
     Box,
-    CaptionLength,
     DetectResult,
     EngineInfo,
     Metrics,
@@ -35,16 +36,12 @@ from moondream_server.engine.types import (
     PointResult,
     QueryResult,
     Reasoning,
-    SamplingSettings,
-    SpatialRef,
     TextResult,
     TextStream,
 )
 from moondream_server.model.decoding import Program, TaskResult
-
-if TYPE_CHECKING:
-    from moondream_server.model.moondream import Moondream
-    from moondream_server.settings import Settings
+from moondream_server.model.seam import E, LoadedModel, ModelRuntime, OnText, P, S
+from moondream_server.model.tasks import CaptionTask, QueryTask, RegionTask, Task
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +52,12 @@ def _ms(seconds: float) -> float:
     return round(max(seconds, 0.0) * 1000.0, 3)
 
 
-class BatchedEngine:
+class BatchedEngine(Generic[S, E, P]):
     """Continuous batching over one model. Implements ``engine.base.Engine``."""
 
     def __init__(
         self,
-        loader: Callable[[], Moondream],
+        loader: Callable[[], LoadedModel[S, E, P]],
         *,
         info: EngineInfo,
         max_queue: int = 64,
@@ -78,7 +75,8 @@ class BatchedEngine:
     ) -> None:
         """``kv_pool``: hold the caches of ``max_batch_size`` sequences in one pool so that their
         decode steps attend in one call (None: on a GPU only, where it pays for its memory).
-        ``decode_graphs``: replay those pooled decode steps from CUDA graphs (None: on CUDA)."""
+        ``decode_graphs``: replay those pooled decode steps from CUDA graphs (None: on CUDA).
+        The other limits left None get a value for the device (see ``start``)."""
         self._loader = loader
         self._info = info
         self._max_queue = max_queue
@@ -95,9 +93,9 @@ class BatchedEngine:
         self._warmup = warmup
         self._ready = False
         self._stopping = False
-        self.runtime: ModelRuntime | None = None
-        self.scheduler: Scheduler | None = None
-        self.image_cache: ImageCache[Any] | None = None
+        self.runtime: ModelRuntime[S, E, P] | None = None
+        self.scheduler: Scheduler[S, E, P] | None = None
+        self.image_cache: ImageCache[E] | None = None
         self.load_error: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -114,14 +112,14 @@ class BatchedEngine:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Request counters for /health (the serial engine's keys, plus batching ones)."""
+        """Request counters for /health and /metrics."""
         if self.scheduler is None:
             return {"completed": 0, "failed": 0, "interrupted": 0, "expired_in_queue": 0}
         s = self.scheduler.stats
         out = {
             "completed": s.completed,
             "failed": s.failed,
-            # as the serial engine: a consumer that left (even while queued) or a passed deadline
+            # a consumer that left (even while queued) or a passed deadline
             "interrupted": s.cancelled + s.expired - s.expired_in_queue,
             "expired_in_queue": s.expired_in_queue,
             "rejected_queue_full": s.rejected,
@@ -145,13 +143,13 @@ class BatchedEngine:
             t0 = time.perf_counter()
             model = await asyncio.to_thread(self._loader)
             self._info = EngineInfo(
-                model_id=str(model.model_id),
+                model_id=model.model_id,
                 revision=model.revision,
-                device=str(model.device),
-                dtype=str(model.dtype).removeprefix("torch."),
+                device=model.device_name,
+                dtype=model.dtype_name,
             )
             log.info("model %s loaded in %.2f s", self._info.model_id, time.perf_counter() - t0)
-            gpu = model.device.type != "cpu"
+            gpu = model.on_gpu
             # Per-step limits bound how long running decodes wait for new work. On a CPU a crop
             # or a prefill position costs ~100x more than on a GPU, and batching them gains
             # little there (the matrices are already large enough), so steps stay smaller.
@@ -167,20 +165,18 @@ class BatchedEngine:
             if decode_first is None:
                 decode_first = 0.0 if gpu else 10.0
             pool = gpu if self._kv_pool is None else self._kv_pool
-            self.runtime = ModelRuntime(
-                model,
+            self.runtime = runtime = model.runtime(
                 max_vision_crops=vision_crops,
                 kv_pool_slots=self._max_batch_size if pool else 0,
                 decode_graphs=self._decode_graphs,
             )
-            if self.runtime.decode_graphs is not None:
-                t1 = time.perf_counter()
-                await asyncio.to_thread(self.runtime.warm_graphs)  # before the scheduler runs
-                log.info("decode graphs captured in %.2f s", time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            await asyncio.to_thread(runtime.warm)  # before the scheduler runs
+            log.info("runtime warmed (decode graphs) in %.2f s", time.perf_counter() - t1)
             if self._cache_bytes > 0:
-                self.image_cache = ImageCache(self._cache_bytes, self.runtime.image_nbytes)
+                self.image_cache = ImageCache(self._cache_bytes, runtime.image_nbytes)
             self.scheduler = Scheduler(
-                self.runtime,
+                runtime,
                 max_batch_size=self._max_batch_size,
                 max_queue=self._max_queue,
                 max_step_tokens=step_tokens,
@@ -192,14 +188,13 @@ class BatchedEngine:
             if self._warmup:
                 t1 = time.perf_counter()
                 warm = Image.new("RGB", (64, 64), (127, 127, 127))
-                runtime = self.runtime
-                await self._call(warm, lambda: runtime.caption("short", {"max_tokens": 2}, None))
+                await self._call(warm, CaptionTask("short", runtime.defaults.override(max_tokens=2)))
                 if self.image_cache is not None:
                     self.image_cache.clear()
                 log.info("warm-up done in %.2f s", time.perf_counter() - t1)
         except BaseException as exc:
             self.load_error = exc
-            log.exception("starting the batched engine failed")
+            log.exception("starting the engine failed")
             if self.scheduler is not None:
                 await asyncio.to_thread(self.scheduler.stop)
             raise
@@ -211,11 +206,17 @@ class BatchedEngine:
         if scheduler is not None:
             await asyncio.to_thread(scheduler.stop)
 
-    # -- submission ----------------------------------------------------------------------------
-    def _parts(self) -> tuple[ModelRuntime, Scheduler]:
-        if self.runtime is None or self.scheduler is None or self._stopping:
+    # -- admission -----------------------------------------------------------------------------
+    def _parts(self) -> tuple[ModelRuntime[S, E, P], Scheduler[S, E, P]]:
+        if self.runtime is None or self.scheduler is None or self._stopping or not self._ready:
             if self.load_error is not None:
                 raise NotReadyError(f"the model failed to load: {self.load_error}", retry_after_s=60.0)
+            raise NotReadyError()
+        return self.runtime, self.scheduler
+
+    def _starting_parts(self) -> tuple[ModelRuntime[S, E, P], Scheduler[S, E, P]]:
+        """The parts while ``start`` warms up (requests other than the warm-up wait for _ready)."""
+        if self.runtime is None or self.scheduler is None:
             raise NotReadyError()
         return self.runtime, self.scheduler
 
@@ -226,60 +227,67 @@ class BatchedEngine:
     def check_capacity(self) -> None:
         """Raise now what a submission would raise at admission (the API calls this before
         decoding an image, so a full queue costs nothing)."""
-        self._check_ready()
         _, scheduler = self._parts()
         scheduler.check_capacity()
 
-    def _image_tokens(self, req: Request) -> int:
-        return 0 if req.image is None or self.runtime is None else self.runtime.prefix_len
-
-    def _check_ready(self) -> ModelRuntime:
+    def _defaults(self) -> ModelRuntime[S, E, P]:
         runtime, _ = self._parts()
-        if not self._ready:
-            raise NotReadyError()
         return runtime
 
+    # -- submission ----------------------------------------------------------------------------
     async def _submit(
-        self, image: Image.Image | None, program: Program, on_done: Callable[[Request], None]
-    ) -> Request:
+        self, image: Image.Image | None, program: Program, on_done: Callable[[Request[P]], None]
+    ) -> Request[P]:
         """Hash (and, on a cache miss, tile) the image on a worker thread, then queue the request.
 
         The scheduler thread then spends its time on the model only. A full queue is refused
         before any of that work.
         """
-        runtime, scheduler = self._parts()
+        runtime, scheduler = self._starting_parts()
         deadline = scheduler.clock() + self._timeout
         key: Hashable | None = None
-        payload: Any = image
+        payload: Image.Image | P | None = image
         if image is not None:
             scheduler.check_capacity()
             key, payload = await asyncio.to_thread(self._prepare, runtime, image)
-        req = Request(program=program, image=payload, image_key=key, deadline=deadline, on_done=on_done)
+        req: Request[P] = Request(
+            program=program, image=payload, image_key=key, deadline=deadline, on_done=on_done
+        )
         scheduler.submit(req)
         return req
 
-    def _prepare(self, runtime: ModelRuntime, image: Image.Image) -> tuple[Hashable, Any]:
+    def _prepare(
+        self, runtime: ModelRuntime[S, E, P], image: Image.Image
+    ) -> tuple[Hashable, Image.Image | P]:
         key = runtime.image_key(image)
         if self.image_cache is not None and key in self.image_cache:
             return key, image  # the scheduler will not need the pixels (unless evicted meanwhile)
         return key, runtime.prepare(image)
 
-    async def _call(self, image: Image.Image | None, build: Callable[[], Program]) -> Request:
-        """Submit a program and wait for it; raises the request's error."""
-        _, scheduler = self._parts()
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Request] = loop.create_future()
+    async def _program(self, task: Task, on_text: OnText | None) -> Program:
+        """The task's program, built on a worker thread (building tokenizes, which must not hold
+        the loop); a request that cannot be served raises InvalidRequestError here."""
+        runtime, _ = self._starting_parts()
+        try:
+            return await asyncio.to_thread(runtime.program, task, on_text)
+        except Exception as exc:
+            raise request_error(exc) from exc
 
-        def deliver(req: Request) -> None:
+    async def _call(self, image: Image.Image | None, task: Task) -> tuple[TaskResult, Metrics]:
+        """Submit a task and wait for it; raises the request's error."""
+        _, scheduler = self._starting_parts()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Request[P]] = loop.create_future()
+
+        def deliver(req: Request[P]) -> None:
             if not fut.done():
                 fut.set_result(req)
 
-        def on_done(req: Request) -> None:
+        def on_done(req: Request[P]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
                 loop.call_soon_threadsafe(deliver, req)
 
-        # Built on a worker thread: building tokenizes the question, which must not hold the loop.
-        req = await self._submit(image, await asyncio.to_thread(_validated, build), on_done)
+        req = await self._submit(image, await self._program(task, None), on_done)
         try:
             done = await asyncio.wait_for(fut, max(req.deadline - scheduler.clock(), 0.0))
         except TimeoutError:
@@ -288,76 +296,110 @@ class BatchedEngine:
             req.cancel()
         if done.error is not None:
             raise done.error
-        return done
+        return _task_result(done), self._metrics(done)
 
-    def _stream(self, image: Image.Image | None, build: Callable[[OnText], Program]) -> TextStream:
-        return TextStream(lambda finish: self._pieces(image, build, finish))
+    def _stream(self, image: Image.Image | None, task: Task) -> TextStream:
+        return TextStream(lambda finish: self._pieces(image, task, finish))
 
     async def _pieces(
-        self,
-        image: Image.Image | None,
-        build: Callable[[OnText], Program],
-        finish: Callable[[TextResult], None],
+        self, image: Image.Image | None, task: Task, finish: Callable[[TextResult], None]
     ) -> AsyncGenerator[str, None]:
         _, scheduler = self._parts()
         loop = asyncio.get_running_loop()
-        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        items: asyncio.Queue[tuple[Literal["chunk"], str] | tuple[Literal["done"], Request[P]]]
+        items = asyncio.Queue()
 
-        def send(kind: str, value: Any) -> None:
+        def send(piece: str) -> None:
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+                loop.call_soon_threadsafe(items.put_nowait, ("chunk", piece))
 
-        program = await asyncio.to_thread(_validated, lambda: build(lambda piece: send("chunk", piece)))
-        req = await self._submit(image, program, lambda r: send("done", r))
+        def on_done(req: Request[P]) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(items.put_nowait, ("done", req))
+
+        req = await self._submit(image, await self._program(task, send), on_done)
         try:
             while True:
                 remaining = req.deadline - scheduler.clock()
                 try:
-                    kind, value = await asyncio.wait_for(items.get(), max(remaining, 0.0))
+                    item = await asyncio.wait_for(items.get(), max(remaining, 0.0))
                 except TimeoutError:
                     raise DeadlineExceededError(
                         f"the request did not finish within {self._timeout:g} s"
                     ) from None
-                if kind == "chunk":
-                    if value:
-                        yield value
+                if item[0] == "chunk":
+                    if item[1]:
+                        yield item[1]
                     continue
-                if value.error is not None:
-                    raise value.error
-                text = _task_result(value).text
-                finish_reason = text.finish_reason if text is not None else "stop"
+                done = item[1]
+                if done.error is not None:
+                    raise done.error
+                text = _task_result(done).text
                 finish(
                     TextResult(
                         text="",
-                        finish_reason=finish_reason,
-                        metrics=_metrics(value, self._image_tokens(value)),
+                        finish_reason=text.finish_reason if text is not None else "stop",
+                        metrics=self._metrics(done),
                     )
                 )
                 return
         finally:
             req.cancel()
 
-    # -- skills --------------------------------------------------------------------------------
+    def _metrics(self, req: Request[P]) -> Metrics:
+        result = req.result if isinstance(req.result, TaskResult) else TaskResult()
+        start = req.started_at if req.started_at is not None else req.submitted_at
+        first = req.first_output_at if req.first_output_at is not None else start
+        end = req.finished_at if req.finished_at is not None else first
+        image_tokens = 0 if req.image is None or self.runtime is None else self.runtime.prefix_len
+        return Metrics(
+            input_tokens=result.prompt_tokens,
+            output_tokens=len(result.text.tokens) if result.text is not None else 0,
+            prefill_time_ms=_ms(first - start),
+            decode_time_ms=_ms(end - first),
+            ttft_ms=_ms(first - req.submitted_at),
+            image_tokens=image_tokens,
+        )
+
+    # -- skills: typed parameters -> a task -> typed results -------------------------------------
+    def _caption_task(self, length: CaptionLength, settings: SamplingSettings) -> CaptionTask:
+        return CaptionTask(length, settings.resolve(self._defaults().defaults))
+
+    def _query_task(
+        self,
+        image: Image.Image | None,
+        question: str,
+        reasoning: bool,
+        spatial_refs: Sequence[SpatialRef],
+        settings: SamplingSettings,
+    ) -> QueryTask:
+        try:
+            return QueryTask(
+                question,
+                with_image=image is not None,
+                reasoning=reasoning,
+                spatial_refs=tuple(spatial_refs),
+                settings=settings.resolve(self._defaults().defaults),
+            )
+        except ValueError as exc:
+            raise request_error(exc) from exc
+
+    def _region_task(
+        self, skill: Literal["detect", "point"], obj: str, settings: SamplingSettings
+    ) -> RegionTask:
+        return RegionTask(skill, obj, settings.resolve(self._defaults().defaults))
+
     async def caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
     ) -> TextResult:
-        runtime = self._check_ready()
-        sd = settings.as_model_settings()
-        req = await self._call(image, lambda: runtime.caption(length, sd, None))
-        result = _task_result(req)
+        result, metrics = await self._call(image, self._caption_task(length, settings))
         assert result.text is not None
-        return TextResult(
-            text=result.text.text,
-            finish_reason=result.text.finish_reason,
-            metrics=_metrics(req, self._image_tokens(req)),
-        )
+        return TextResult(text=result.text.text, finish_reason=result.text.finish_reason, metrics=metrics)
 
     def stream_caption(
         self, image: Image.Image, length: CaptionLength, settings: SamplingSettings
     ) -> TextStream:
-        runtime = self._check_ready()
-        sd = settings.as_model_settings()
-        return self._stream(image, lambda on_text: runtime.caption(length, sd, on_text))
+        return self._stream(image, self._caption_task(length, settings))
 
     async def query(
         self,
@@ -368,27 +410,16 @@ class BatchedEngine:
         spatial_refs: Sequence[SpatialRef],
         settings: SamplingSettings,
     ) -> QueryResult:
-        runtime = self._check_ready()
-        sd = settings.as_model_settings()
-        refs = [list(r) for r in spatial_refs] or None
-        req = await self._call(
-            image,
-            lambda: runtime.query(
-                question,
-                sd,
-                with_image=image is not None,
-                reasoning=reasoning,
-                spatial_refs=refs,
-                on_text=None,
-            ),
-        )
-        result = _task_result(req)
+        task = self._query_task(image, question, reasoning, spatial_refs, settings)
+        result, metrics = await self._call(image, task)
         assert result.text is not None
         return QueryResult(
             text=result.text.text,
             finish_reason=result.text.finish_reason,
-            metrics=_metrics(req, self._image_tokens(req)),
-            reasoning=_reasoning(result) if reasoning else None,
+            metrics=metrics,
+            reasoning=Reasoning.from_model(result.reasoning_text or "", result.grounding)
+            if reasoning
+            else None,
         )
 
     def stream_query(
@@ -399,99 +430,31 @@ class BatchedEngine:
         spatial_refs: Sequence[SpatialRef],
         settings: SamplingSettings,
     ) -> TextStream:
-        runtime = self._check_ready()
-        sd = settings.as_model_settings()
-        refs = [list(r) for r in spatial_refs] or None
-        return self._stream(
-            image,
-            lambda on_text: runtime.query(
-                question,
-                sd,
-                with_image=image is not None,
-                reasoning=False,
-                spatial_refs=refs,
-                on_text=on_text,
-            ),
-        )
+        return self._stream(image, self._query_task(image, question, False, spatial_refs, settings))
 
     async def detect(self, image: Image.Image, obj: str, settings: SamplingSettings) -> DetectResult:
-        runtime = self._check_ready()
-        sd = settings.as_model_settings()
-        req = await self._call(image, lambda: runtime.region("detect", obj, sd))
-        objects = _task_result(req).objects
-        boxes = [
-            Box(float(o["x_min"]), float(o["y_min"]), float(o["x_max"]), float(o["y_max"])) for o in objects
-        ]
-        return DetectResult(objects=boxes, metrics=_metrics(req, self._image_tokens(req)))
+        result, metrics = await self._call(image, self._region_task("detect", obj, settings))
+        boxes = [Box(o["x_min"], o["y_min"], o["x_max"], o["y_max"]) for o in result.objects]
+        return DetectResult(objects=boxes, metrics=metrics)
 
     async def point(self, image: Image.Image, obj: str, settings: SamplingSettings) -> PointResult:
-        runtime = self._check_ready()
-        sd = settings.as_model_settings()
-        req = await self._call(image, lambda: runtime.region("point", obj, sd))
-        points = [Point(float(p["x"]), float(p["y"])) for p in _task_result(req).objects]
-        return PointResult(points=points, metrics=_metrics(req, self._image_tokens(req)))
-
-
-def _validated(build: Callable[[], Program]) -> Program:
-    """Build a program; request errors (ValueError) become InvalidRequestError at once."""
-    try:
-        return build()
-    except Exception as exc:
-        raise request_error(exc) from exc
-
-
-def _task_result(req: Request) -> TaskResult:
-    result = req.result
-    if not isinstance(result, TaskResult):
-        raise RuntimeError("the program returned no result")
-    return result
-
-
-def _metrics(req: Request, image_tokens: int) -> Metrics:
-    result = req.result if isinstance(req.result, TaskResult) else TaskResult()
-    start = req.started_at if req.started_at is not None else req.submitted_at
-    first = req.first_output_at if req.first_output_at is not None else start
-    end = req.finished_at if req.finished_at is not None else first
-    return Metrics(
-        input_tokens=result.prompt_tokens,
-        output_tokens=len(result.text.tokens) if result.text is not None else 0,
-        prefill_time_ms=_ms(first - start),
-        decode_time_ms=_ms(end - first),
-        ttft_ms=_ms(first - req.submitted_at),
-        image_tokens=image_tokens,
-    )
+        result, metrics = await self._call(image, self._region_task("point", obj, settings))
+        return PointResult(points=[Point(p["x"], p["y"]) for p in result.objects], metrics=metrics)
 
 
 def _reasoning(result: TaskResult) -> Reasoning:
     return Reasoning.from_model(result.reasoning_text or "", result.grounding)
 
 
-def create_engine(settings: Settings) -> BatchedEngine:
-    """The factory ``engine/loader.py`` calls when ``settings.engine == "batched"``."""
-
-    from moondream_server.engine.loader import model_loader
-
-    def load() -> Moondream:
-        return cast("Moondream", model_loader(settings))  # the same loading as the serial engine's
-
-    info = EngineInfo(
-        model_id=settings.model, revision=settings.revision, device=settings.device, dtype=settings.dtype
-    )
-    return BatchedEngine(
-        load,
-        info=info,
-        max_queue=settings.max_queue,
-        request_timeout_s=settings.request_timeout_s,
-        max_batch_size=settings.max_batch_size,
-        image_cache_mb=settings.image_cache_mb,
-        threads=settings.threads,
-        kv_pool=None if settings.kv_pool == "auto" else settings.kv_pool == "on",
-        decode_graphs=None if settings.cuda_graphs == "auto" else settings.cuda_graphs == "on",
-    )
+def _task_result(req: Request[P]) -> TaskResult:
+    result = req.result
+    if not isinstance(result, TaskResult):
+        raise RuntimeError("the program returned no result")
+    return result
 
 
 if TYPE_CHECKING:
     from moondream_server.engine.base import Engine
 
-    def _implements_engine(engine: BatchedEngine) -> Engine:
+    def _implements_engine(engine: BatchedEngine[object, object, object]) -> Engine:
         return engine  # mypy checks BatchedEngine against the protocol here

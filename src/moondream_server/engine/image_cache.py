@@ -1,9 +1,9 @@
 """Encoded-image cache: the image prefix's keys/values, keyed by image content and model.
 
 A second request about an image the server has already seen skips the vision encoder and the
-730-position image prefill. Keys are the model id/revision plus a hash of the RGB pixels and the
-size, so two different files holding the same pixels share an entry and a new model revision
-never reuses stale entries. Entries are evicted least-recently-used under a byte budget.
+730-position image prefill. Keys are the model's (``ModelRuntime.image_key``: for Moondream2
+the model id/revision plus a hash of the RGB pixels and the size). Entries are evicted
+least-recently-used under a byte budget.
 
 Only the scheduler thread touches the cache in the engine; a lock makes the statistics safe to
 read from elsewhere.
@@ -11,27 +11,13 @@ read from elsewhere.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from PIL import Image
-
 V = TypeVar("V")
-
-ImageKey = tuple[str, str]
-
-
-def image_content_key(image: Image.Image, model_key: str) -> ImageKey:
-    """(model key, hash of the RGB pixel bytes and the size): what the model actually sees."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(f"{rgb.width}x{rgb.height}:".encode())
-    digest.update(rgb.tobytes())
-    return (model_key, digest.hexdigest())
 
 
 @dataclass

@@ -67,9 +67,3 @@ class SamplingSettings:
             max_tokens=self.max_tokens,
             max_objects=self.max_objects,
         )
-
-    def as_model_settings(self) -> dict[str, float | int]:
-        """The model's ``settings`` argument: only the keys the caller set."""
-        values = (("temperature", self.temperature), ("top_p", self.top_p))
-        counts = (("max_tokens", self.max_tokens), ("max_objects", self.max_objects))
-        return {k: v for k, v in (*values, *counts) if v is not None}

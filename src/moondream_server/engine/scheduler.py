@@ -36,7 +36,10 @@ import threading
 import time
 from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Generic, Literal
+
+import torch
+from PIL import Image
 
 from moondream_server.engine.errors import (
     DeadlineExceededError,
@@ -46,8 +49,8 @@ from moondream_server.engine.errors import (
     QueueFullError,
 )
 from moondream_server.engine.image_cache import ImageCache
-from moondream_server.engine.runtime import Runtime, StepItem, VisionJob
 from moondream_server.model.decoding import StepOutput
+from moondream_server.model.seam import E, ModelRuntime, P, S, StepItem, VisionJob
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +59,20 @@ class CancelledRequestError(EngineError):
     """The caller stopped waiting (disconnect, closed stream); nobody reads this error."""
 
 
-# A decode program: yields inputs (anything with ``shape[0]`` positions), receives StepOutputs.
-AnyProgram = Generator[Any, StepOutput, Any]
+# A decode program: yields inputs [positions, dim], receives StepOutputs, returns its result.
+AnyProgram = Generator[torch.Tensor, StepOutput, object]
 
 
 @dataclass(eq=False)
-class Request:
+class Request(Generic[P]):
     """One submitted task. ``on_done`` is called exactly once, on the scheduler thread."""
 
     program: AnyProgram
-    image: Any | None  # what Runtime.image_key / embed_images take; None = text only
+    image: Image.Image | P | None  # an image or the runtime's prepared form; None = text only
     deadline: float  # on the scheduler's clock
-    on_done: Callable[[Request], None] = lambda _r: None
+    on_done: Callable[[Request[P]], None] = lambda _r: None
     image_key: Hashable | None = None  # precomputed off the scheduler thread (else computed here)
-    result: Any = None  # the program's return value
+    result: object = None  # the program's return value
     error: BaseException | None = None
     # timestamps on the scheduler's clock
     submitted_at: float = 0.0
@@ -97,16 +100,30 @@ Phase = Literal["need_vision", "vision", "wait_image", "image_prefill", "run"]
 
 
 @dataclass(eq=False)
-class _Seq:
-    req: Request
+class _Seq(Generic[S, P]):
+    req: Request[P]
     order: int
     phase: Phase = "run"
     key: Hashable | None = None
-    handle: Any = None
-    pending: Any = None  # input still to feed (a tensor-like with shape[0])
+    handle: S | None = None
+    pending: torch.Tensor | None = None  # input still to feed [positions, dim]
     decoding: bool = False  # got its first output: later inputs are decode steps
-    followers: list[_Seq] = field(default_factory=list)  # waiting for this seq's image
+    followers: list[_Seq[S, P]] = field(default_factory=list)  # waiting for this seq's image
     solo: bool = False  # encode its image in a job of its own (a shared one failed)
+
+    def input(self) -> torch.Tensor:
+        """What it feeds next (only asked of sequences that have something to feed)."""
+        assert self.pending is not None
+        return self.pending
+
+    def sequence(self) -> S:
+        """Its sequence (only asked once it has one)."""
+        assert self.handle is not None
+        return self.handle
+
+    def image(self) -> Image.Image | P:
+        assert self.req.image is not None
+        return self.req.image
 
 
 @dataclass
@@ -128,16 +145,16 @@ class SchedulerStats:
     step_sizes: list[int] = field(default_factory=list)  # sequences per step (recent)
 
 
-class Scheduler:
+class Scheduler(Generic[S, E, P]):
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: ModelRuntime[S, E, P],
         *,
         max_batch_size: int = 8,
         max_queue: int = 64,
         max_step_tokens: int = 1024,
         max_images_per_step: int = 8,
-        image_cache: ImageCache[Any] | None = None,
+        image_cache: ImageCache[E] | None = None,
         clock: Callable[[], float] = time.monotonic,
         min_prefill_chunk: int = 32,
         decode_first_s: float = 0.0,
@@ -159,11 +176,11 @@ class Scheduler:
         self.image_cache = image_cache
         self.clock = clock
         self.stats = SchedulerStats()
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._active: list[_Seq] = []
-        self._inflight: dict[Hashable, _Seq] = {}  # image key -> the seq encoding it
-        self._purged: list[Request] = []  # cancelled while waiting, dropped by submit()
-        self._job: tuple[VisionJob, list[_Seq]] | None = None  # the vision job under way
+        self._waiting: collections.deque[Request[P]] = collections.deque()
+        self._active: list[_Seq[S, P]] = []
+        self._inflight: dict[Hashable, _Seq[S, P]] = {}  # image key -> the seq encoding it
+        self._purged: list[Request[P]] = []  # cancelled while waiting, dropped by submit()
+        self._job: tuple[VisionJob, list[_Seq[S, P]]] | None = None  # the vision job under way
         self._slot_times: collections.deque[float] = collections.deque(maxlen=16)  # completed, recent
         self._order = itertools.count()
         self._cond = threading.Condition()
@@ -171,7 +188,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     # -- submission (any thread) -------------------------------------------------------------
-    def submit(self, req: Request) -> None:
+    def submit(self, req: Request[P]) -> None:
         """Queue a request; raises QueueFullError at once when ``max_queue`` are already waiting."""
         with self._cond:
             self._check_capacity_locked()
@@ -206,7 +223,7 @@ class Scheduler:
         """Drop waiting requests nobody waits for any more, so they do not hold queue places."""
         if not any(r.cancelled for r in self._waiting):
             return
-        keep: collections.deque[Request] = collections.deque()
+        keep: collections.deque[Request[P]] = collections.deque()
         for r in self._waiting:
             (self._purged if r.cancelled else keep).append(r)
         self._waiting = keep  # the scheduler thread finishes the purged ones at its next reap
@@ -310,11 +327,11 @@ class Scheduler:
         return did_vision or did_step
 
     def _reap(self, now: float) -> None:
-        expired: list[Request] = []
+        expired: list[Request[P]] = []
         with self._cond:
             cancelled, self._purged = self._purged, []
             if any(r.cancelled or now > r.deadline for r in self._waiting):
-                keep: collections.deque[Request] = collections.deque()
+                keep: collections.deque[Request[P]] = collections.deque()
                 for r in self._waiting:
                     if r.cancelled:
                         cancelled.append(r)
@@ -336,13 +353,13 @@ class Scheduler:
                 self._drop(s, DeadlineExceededError("the request did not finish before its deadline"))
 
     def _admit(self, now: float) -> None:
-        admitted: list[Request] = []
+        admitted: list[Request[P]] = []
         with self._cond:
             while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
                 admitted.append(self._waiting.popleft())
         for r in admitted:
             r.started_at = now
-            seq = _Seq(req=r, order=next(self._order))
+            seq: _Seq[S, P] = _Seq(req=r, order=next(self._order))
             self._active.append(seq)
             if r.image is None:
                 self._begin(seq, None)
@@ -363,7 +380,7 @@ class Scheduler:
                 seq.phase = "need_vision"
                 self._inflight[seq.key] = seq
 
-    def _begin(self, seq: _Seq, encoded: Any | None) -> None:
+    def _begin(self, seq: _Seq[S, P], encoded: E | None) -> None:
         """Open the sequence (from an encoded image or empty) and start its program."""
         try:
             if seq.handle is None:
@@ -403,7 +420,7 @@ class Scheduler:
             else:
                 todo = [s for s in waiting if not s.solo][: self.max_images_per_step]
             try:
-                job = self.runtime.start_vision([s.req.image for s in todo])
+                job = self.runtime.start_vision([s.image() for s in todo])
             except Exception as exc:
                 self._vision_failed(todo, exc)
                 return True
@@ -443,7 +460,7 @@ class Scheduler:
             target.phase = "image_prefill"
         return True
 
-    def _vision_failed(self, seqs: list[_Seq], exc: Exception) -> None:
+    def _vision_failed(self, seqs: list[_Seq[S, P]], exc: Exception) -> None:
         live = [s for s in seqs if s in self._active]
         if len(seqs) == 1:
             log.warning("vision encoder failed: %s", exc)
@@ -455,21 +472,21 @@ class Scheduler:
             s.phase = "need_vision"
             s.solo = True
 
-    def _plan(self) -> list[tuple[_Seq, int]]:
+    def _plan(self) -> list[tuple[_Seq[S, P], int]]:
         """Which sequences feed how many positions this step."""
-        plan: list[tuple[_Seq, int]] = []
+        plan: list[tuple[_Seq[S, P], int]] = []
         total = 0
         ready = [s for s in self._active if s.phase in ("run", "image_prefill") and s.pending is not None]
         # Running decodes first: they are never held back, so their latency stays bounded.
         for s in ready:
             if s.decoding:
-                n = int(s.pending.shape[0])
+                n = int(s.input().shape[0])
                 plan.append((s, n))
                 total += n
         any_prefill = False
         heavy_ok = self._heavy_allowed()
         for s in sorted((s for s in ready if not s.decoding), key=lambda s: s.order):
-            n = int(s.pending.shape[0])
+            n = int(s.input().shape[0])
             room = self.max_step_tokens - total
             if s.phase == "image_prefill":
                 if not heavy_ok:
@@ -491,10 +508,10 @@ class Scheduler:
             any_prefill = True
         return plan
 
-    def _fits(self, s: _Seq) -> bool:
+    def _fits(self, s: _Seq[S, P]) -> bool:
         """Drop a sequence whose next input would overflow the context (it would fail the step)."""
-        used, limit = self.runtime.room(s.handle)
-        needed = used + int(s.pending.shape[0])
+        used, limit = self.runtime.room(s.sequence())
+        needed = used + int(s.input().shape[0])
         if needed <= limit:
             return True
         message = f"sequence of {needed} positions exceeds the model context of {limit}"
@@ -507,11 +524,12 @@ class Scheduler:
         plan = self._plan()
         if not plan:
             return False
-        items: list[StepItem] = []
+        items: list[StepItem[S]] = []
         for s, take in plan:
-            n = int(s.pending.shape[0])
-            x = s.pending if take == n else s.pending[:take]
-            items.append(StepItem(seq=s.handle, x=x, want_output=take == n and s.phase == "run"))
+            pending = s.input()
+            n = int(pending.shape[0])
+            x = pending if take == n else pending[:take]
+            items.append(StepItem(seq=s.sequence(), x=x, want_output=take == n and s.phase == "run"))
         try:
             outputs = self.runtime.forward(items)
         except Exception as exc:
@@ -530,9 +548,9 @@ class Scheduler:
             del self.stats.step_sizes[:512]
         now = self.clock()
         for (s, take), out in zip(plan, outputs, strict=True):
-            n = int(s.pending.shape[0])
-            if take < n:
-                s.pending = s.pending[take:]
+            pending = s.input()
+            if take < int(pending.shape[0]):
+                s.pending = pending[take:]
                 continue
             s.pending = None
             if s.phase == "image_prefill":
@@ -542,11 +560,11 @@ class Scheduler:
                 self._advance(s, out, now)
         return True
 
-    def _image_ready(self, s: _Seq) -> None:
+    def _image_ready(self, s: _Seq[S, P]) -> None:
         self.stats.image_prefills += 1
-        encoded: Any = None
+        encoded: E | None = None
         try:
-            encoded = self.runtime.snapshot_image(s.handle)
+            encoded = self.runtime.snapshot_image(s.sequence())
         except Exception as exc:
             self._drop(s, request_error(exc), fail_followers=True)
             return
@@ -560,7 +578,7 @@ class Scheduler:
             if f in self._active:
                 self._begin(f, encoded)
 
-    def _advance(self, s: _Seq, out: StepOutput, now: float) -> None:
+    def _advance(self, s: _Seq[S, P], out: StepOutput, now: float) -> None:
         if s.req.first_output_at is None:
             s.req.first_output_at = now
         s.decoding = True
@@ -572,11 +590,11 @@ class Scheduler:
             self._drop(s, request_error(exc))
 
     # -- leaving -----------------------------------------------------------------------------
-    def _complete(self, s: _Seq, value: Any) -> None:
+    def _complete(self, s: _Seq[S, P], value: object) -> None:
         self._remove(s)
         self._finish(s.req, result=value)
 
-    def _drop(self, s: _Seq, error: BaseException, *, fail_followers: bool = False) -> None:
+    def _drop(self, s: _Seq[S, P], error: BaseException, *, fail_followers: bool = False) -> None:
         """Remove a sequence with an error; its followers get the error or take over the image."""
         prefill = s.pending if s.phase == "image_prefill" else None  # encoded, not yet prefilled
         self._remove(s)
@@ -607,7 +625,7 @@ class Scheduler:
             heir.pending = prefill
             heir.phase = "image_prefill"
 
-    def _remove(self, s: _Seq) -> None:
+    def _remove(self, s: _Seq[S, P]) -> None:
         if s in self._active:
             self._active.remove(s)
         if s.key is not None and self._inflight.get(s.key) is s:
@@ -619,7 +637,7 @@ class Scheduler:
         s.handle = None
         s.pending = None
 
-    def _finish(self, req: Request, *, result: Any = None, error: BaseException | None = None) -> None:
+    def _finish(self, req: Request[P], *, result: object = None, error: BaseException | None = None) -> None:
         if req._done:
             return
         req._done = True

@@ -13,12 +13,13 @@ if TYPE_CHECKING:
     from moondream_server.model.config import MoondreamConfig
     from moondream_server.model.hub import ModelLoadError
     from moondream_server.model.loading import load
-    from moondream_server.model.moondream import EncodedImage, Moondream
+    from moondream_server.model.moondream import Moondream
+    from moondream_server.model.moondream_runtime import EncodedImage
 
 __all__ = ["EncodedImage", "ModelLoadError", "Moondream", "MoondreamConfig", "load"]
 
 _HOMES = {
-    "EncodedImage": "moondream",
+    "EncodedImage": "moondream_runtime",
     "ModelLoadError": "hub",
     "Moondream": "moondream",
     "MoondreamConfig": "config",

@@ -99,12 +99,23 @@ class MoondreamConfig:
         unknown = set(data) - {"text", "vision", "region", "tokenizer"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        return cls(
+        config = cls(
             text=_build(TextConfig, data.get("text", {}), "text"),
             vision=_build(VisionConfig, data.get("vision", {}), "vision"),
             region=_build(RegionConfig, data.get("region", {}), "region"),
             tokenizer=_build(TokenizerConfig, data.get("tokenizer", {}), "tokenizer"),
         )
+        config.check_supported()
+        return config
+
+    def check_supported(self) -> None:
+        """Refuse what the code would load but not honour: better no model than a wrong one."""
+        for section, group_size in (("text", self.text.group_size), ("region", self.region.group_size)):
+            if group_size is not None:
+                raise ValueError(
+                    f"config section {section!r} sets group_size={group_size}: quantized checkpoints "
+                    "are not supported; use the bf16 checkpoint"
+                )
 
     @classmethod
     def from_json(cls, path: str | Path) -> MoondreamConfig:

@@ -152,10 +152,7 @@ def caption_program(
     context_left: int,
     on_text: Callable[[str], None] | None = None,
 ) -> Program:
-    templates = ctx.ids.templates["caption"]
-    if length not in templates:
-        raise ValueError(f"unsupported caption length {length!r}; use one of {sorted(templates)}")
-    ids = list(templates[length])
+    ids = list(ctx.ids.templates["caption"][length])  # the length is checked by CaptionTask
     text = yield from generate_text(ctx, ctx.embed(ids), settings, context_left, on_text)
     return TaskResult(text=text, prompt_tokens=len(ids))
 
@@ -222,9 +219,6 @@ def query_program(
     spatial_refs: Sequence[SpatialRef] | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> Program:
-    check_question_fits(
-        ctx, question_ids, spatial_refs, context_left, with_image=with_image, reasoning=reasoning
-    )
     suffix = list(ctx.ids.templates["query"]["suffix"])
     ids = query_prompt_ids(ctx, question_ids, spatial_refs, with_image=with_image) + suffix
     if not reasoning:
@@ -294,7 +288,6 @@ def region_program(
     context_left: int,
 ) -> Program:
     """Detect (boxes) or point: coordinates decoded from hidden states, fed back as embeddings."""
-    check_object_fits(ctx, task, object_ids, context_left)
     template = ctx.ids.templates[task]
     ids = list(template["prefix"]) + list(object_ids) + list(template["suffix"])
     per_object = 3 if task == "detect" else 2

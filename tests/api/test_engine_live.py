@@ -20,8 +20,7 @@ from PIL import Image
 from moondream_server.engine.batched import BatchedEngine
 from moondream_server.model import Moondream
 from moondream_server.settings import Settings
-from tests.api.support import LiveServer
-from tests.engine.support import TINY
+from tests.api.support import TINY, LiveServer
 
 GREEDY = {"temperature": 0.0, "max_tokens": 16}
 IMAGES = [TINY / "images" / "img1.png", TINY / "images" / "img4.png"]
@@ -63,9 +62,7 @@ def sse_text(r: httpx.Response) -> str:
     return "".join(chunks)
 
 
-def test_http_requests_are_served_by_the_batching_engine(
-    server: LiveServer, reference_model: Moondream
-) -> None:
+def test_http_requests_are_served_by_the_batching_engine(server: LiveServer, tiny_model: Moondream) -> None:
     assert isinstance(server.engine, BatchedEngine)
     jobs: list[tuple[str, dict[str, Any], Any]] = []
     for path in IMAGES:
@@ -74,22 +71,22 @@ def test_http_requests_are_served_by_the_batching_engine(
             (
                 "/v1/caption",
                 {"image_url": url, "settings": GREEDY},
-                reference_model.caption(im, settings=GREEDY)["caption"],
+                tiny_model.caption(im, settings=GREEDY)["caption"],
             ),
             (
                 "/v1/query",
                 {"image_url": url, "question": "What is it?", "stream": True, "settings": GREEDY},
-                reference_model.query(im, "What is it?", settings=GREEDY)["answer"],
+                tiny_model.query(im, "What is it?", settings=GREEDY)["answer"],
             ),
             (
                 "/v1/detect",
                 {"image_url": url, "object": "cat", "settings": {"max_objects": 3}},
-                reference_model.detect(im, "cat", settings={"max_objects": 3})["objects"],
+                tiny_model.detect(im, "cat", settings={"max_objects": 3})["objects"],
             ),
             (
                 "/v1/point",
                 {"image_url": url, "object": "cat", "settings": {"max_objects": 3}},
-                reference_model.point(im, "cat", settings={"max_objects": 3})["points"],
+                tiny_model.point(im, "cat", settings={"max_objects": 3})["points"],
             ),
         ]
 

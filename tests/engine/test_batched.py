@@ -18,17 +18,20 @@ import torch
 from PIL import Image
 
 from moondream_server.engine.batched import BatchedEngine
-from moondream_server.engine.errors import InvalidRequestError
-from moondream_server.engine.runtime import ModelRuntime
+from moondream_server.engine.errors import DeadlineExceededError, InvalidRequestError, QueueFullError
 from moondream_server.engine.scheduler import Request, Scheduler
 from moondream_server.engine.types import QueryResult, SamplingSettings
 from moondream_server.model import Moondream
 from moondream_server.model import text as text_module
 from moondream_server.model.cuda_graphs import DecodeGraphs
+from moondream_server.model.moondream_runtime import MoondreamRuntime
+from moondream_server.model.params import TextSettings, spatial_refs
+from moondream_server.model.tasks import CaptionTask
 from tests.engine.support import DEVICE, collect, load_tiny, make_engine, with_engine
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
 G = SamplingSettings(temperature=0.0, max_tokens=24)
+GREEDY_SETTINGS = TextSettings.parse(GREEDY)
 OBJ = {"max_objects": 4}
 OBJ_S = SamplingSettings(max_objects=4)
 BUDGETS = (24, 7, 13)  # max_tokens per image in the mixed test
@@ -154,11 +157,12 @@ def test_vision_batches_the_crops_of_several_images(
     reference_model: Moondream, images: list[Image.Image], chunk: int, passes: int
 ) -> None:
     """13 crops of 3 images: one encoder pass, or ceil(13 / 4) chunks between text steps."""
-    rt = ModelRuntime(load_tiny(), max_vision_crops=chunk)
+    rt = MoondreamRuntime(load_tiny(), max_vision_crops=chunk)
     s = Scheduler(rt, max_batch_size=8)
     assert sum(reference_model.crops(im).pixels.shape[0] for im in images) == 13
     reqs = [
-        Request(program=rt.caption("normal", GREEDY, None), image=im, deadline=float("inf")) for im in images
+        Request(program=rt.program(CaptionTask("normal", GREEDY_SETTINGS)), image=im, deadline=float("inf"))
+        for im in images
     ]
     for r in reqs:
         s.submit(r)
@@ -235,8 +239,10 @@ def test_invalid_requests_fail_alone(reference_model: Moondream, images: list[Im
     too_long = "word " * 3000  # more tokens than the 2048-position context
 
     async def body(e: BatchedEngine) -> None:
-        with pytest.raises(InvalidRequestError):
-            await e.query(im, "x", reasoning=False, spatial_refs=[(2.0, 0.5)], settings=G)
+        with pytest.raises(ValueError, match=r"spatial_refs\[0\]"):  # refs are checked when parsed
+            await e.query(im, "x", reasoning=False, spatial_refs=spatial_refs([[2.0, 0.5]]), settings=G)
+        with pytest.raises(InvalidRequestError, match="need an image"):
+            await e.query(None, "x", reasoning=False, spatial_refs=[(0.5, 0.5)], settings=G)
         with pytest.raises(ValueError, match="temperature"):  # settings are checked when built
             await e.caption(im, "normal", SamplingSettings(temperature=-1.0))
         good = asyncio.create_task(e.caption(im, "normal", G))
@@ -341,8 +347,10 @@ def test_a_drained_stream_reports_finish_reason_and_token_counts(
     expected = []
     for budget in (3, 40):
         greedy = {"temperature": 0.0, "max_tokens": budget}
-        reference_model.caption(images[0], length="short", settings=greedy)
-        expected.append(reference_model.last_result)
+        task = CaptionTask("short", TextSettings.parse(greedy))
+        expected.append(
+            reference_model.run(reference_model.program(task), reference_model.encode_image(images[0]))
+        )
 
     async def body(e: BatchedEngine) -> list[Any]:
         out = []
@@ -363,3 +371,77 @@ def test_a_drained_stream_reports_finish_reason_and_token_counts(
         # the image's context positions, counted apart: BOS + one per vision patch
         assert result.metrics.image_tokens == 1 + reference_model.config.vision.grid**2
     assert {r.finish_reason for _, r in got} == {"length", "stop"}  # both ends are exercised
+
+
+SHORT = SamplingSettings(temperature=0.0, max_tokens=4, max_objects=2)
+LONG = SamplingSettings(temperature=0.0, max_tokens=1900, max_objects=600)
+
+
+def test_three_times_the_queue_capacity(never_stop_path: Path, images: list[Image.Image]) -> None:
+    """Both slots are held by long streams; 12 mixed requests compete for 4 queue places."""
+    max_queue, total = 4, 12
+    im = images[0]
+
+    def request(e: BatchedEngine, i: int) -> Any:
+        s = LONG if i % 2 == 0 else SHORT
+        kind = (i // 2) % 6
+        if kind == 0:
+            return e.caption(im, "normal", s)
+        if kind == 1:
+            return collect(e.stream_caption(im, "short", s))
+        if kind == 2:
+            return e.query(im, "What?", reasoning=i % 4 == 0, spatial_refs=[], settings=s)
+        if kind == 3:
+            return e.detect(im, "thing", s)
+        if kind == 4:
+            return e.point(im, "thing", s)
+        return e.query(None, "Why?", reasoning=False, spatial_refs=[], settings=s)
+
+    async def body(e: BatchedEngine) -> tuple[list[Any], list[Any], Any]:
+        assert e.scheduler is not None
+        # 1900 never-ending tokens take far longer than the 1 s deadline
+        blockers = [
+            asyncio.create_task(collect(e.stream_query(None, f"Go {k}", spatial_refs=[], settings=LONG)))
+            for k in range(2)
+        ]
+        while e.scheduler.active_count < 2:
+            await asyncio.sleep(0.005)
+        results = await asyncio.gather(*(request(e, i) for i in range(total)), return_exceptions=True)
+        blocked = await asyncio.gather(*blockers, return_exceptions=True)
+        for _ in range(300):  # let the scheduler reap what the callers gave up on
+            if e.scheduler.active_count == 0 and e.scheduler.queue_depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        stats = e.scheduler.stats
+        accounted = stats.completed + stats.expired + stats.cancelled + stats.rejected
+        after = await e.caption(im, "short", SHORT)
+        return results, blocked, (accounted, e.scheduler.active_count, e.scheduler.queue_depth, after)
+
+    engine = make_engine(never_stop_path, max_queue=max_queue, max_batch_size=2, request_timeout_s=1.0)
+    results, blocked, (accounted, active, waiting, after) = with_engine(engine, body)
+    assert all(isinstance(b, DeadlineExceededError) for b in blocked), blocked
+    outcomes = ["ok" if not isinstance(r, BaseException) else type(r).__name__ for r in results]
+    allowed = {"ok", QueueFullError.__name__, DeadlineExceededError.__name__}
+    assert set(outcomes) <= allowed, outcomes
+    assert outcomes.count(QueueFullError.__name__) >= 1, outcomes
+    assert accounted == total + 2  # every request left the scheduler one way or another
+    assert (active, waiting) == (0, 0)
+    assert after.metrics.output_tokens == SHORT.max_tokens  # still serving afterwards
+
+
+def test_check_capacity_refuses_before_any_work(never_stop_path: Path) -> None:
+    async def body(e: BatchedEngine) -> None:
+        assert e.scheduler is not None
+        e.check_capacity()  # idle: room
+        stream = e.stream_query(None, "Go", spatial_refs=[], settings=LONG)
+        await anext(stream)  # holds the only slot
+        waiting = asyncio.create_task(e.query(None, "Wait", reasoning=False, spatial_refs=[], settings=SHORT))
+        while e.scheduler.queue_depth < 1:
+            await asyncio.sleep(0.005)
+        with pytest.raises(QueueFullError):
+            e.check_capacity()
+        await stream.aclose()
+        assert (await waiting).metrics.output_tokens == SHORT.max_tokens
+        e.check_capacity()  # room again
+
+    with_engine(make_engine(never_stop_path, max_batch_size=1, max_queue=1), body)

@@ -1,6 +1,6 @@
-"""Throughput of the batching engine against the serial one (not a test; run by hand).
+"""Throughput of the batching engine against its one-at-a-time preset, in process (run by hand).
 
-    .venv/bin/python -m tests.engine.bench_batched [--size small|tiny] [--requests 16] [--threads 2]
+    PYTHONPATH=src:. .venv/bin/python benchmarks/engine_bench.py [--size small|tiny] [--requests 16]
 
 A random checkpoint in the official layout (end-of-text disabled, so every request runs to
 its token budget) is written to a temporary folder; both engines load it and serve the same
@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
-from moondream_server.engine.batched import BatchedEngine
-from moondream_server.engine.serial import SerialEngine
-from moondream_server.engine.types import EngineInfo, SamplingSettings
-from moondream_server.model import MoondreamConfig, load
+from moondream_server.engine.loader import create_engine
+from moondream_server.engine.params import SamplingSettings
+from moondream_server.model import MoondreamConfig
 from moondream_server.model.random_weights import write_checkpoint
-from tests.engine.support import TINY
+from moondream_server.settings import Settings
+
+TINY = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "moondream2-tiny"
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {},
@@ -83,18 +83,16 @@ async def workload(engine: Any, n: int, tokens: int, distinct: bool = False) -> 
 
 
 async def run(kind: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
-    info = EngineInfo("bench", None, "cpu", "float32")
-
-    def loader() -> Any:
-        return load(str(path), device="cpu", dtype=torch.float32)
-
-    engine: Any
-    if kind == "serial":
-        engine = SerialEngine(loader, info=info, max_queue=1000, threads=args.threads)
-    else:
-        engine = BatchedEngine(
-            loader, info=info, max_queue=1000, max_batch_size=args.batch, threads=args.threads
-        )
+    settings = Settings(
+        engine=kind,  # type: ignore[arg-type]
+        model=str(path),
+        device="cpu",
+        dtype="float32",
+        max_queue=1000,
+        max_batch_size=args.batch,
+        threads=args.threads,
+    )
+    engine = create_engine(settings)
     await engine.start()
     try:
         await workload(engine, 2, 4)  # warm both paths
