@@ -59,6 +59,9 @@ class Moondream:
         # Decode steps of the dict API through ``DecodeGraphs`` (CUDA graphs): None = on CUDA only.
         self.decode_graphs: bool | None = None
         self._solo_runtime: MoondreamRuntime | None = None
+        # The token counts and finish reason of the dict API's last finished call (tests and
+        # callers of the official-shaped API read usage figures from it).
+        self.last_result = TaskResult()
 
     # -- what the engine reads (model/seam.py LoadedModel) ----------------------------------
     @property
@@ -160,11 +163,18 @@ class Moondream:
 
     def run(self, program: Program, image: EncodedImage | None) -> TaskResult:
         """Drive one program to completion."""
-        return self._solo.run(program, image)
+        self.last_result = self._solo.run(program, image)
+        return self.last_result
 
     def _stream(self, make: Callable[[OnText], Program], image: EncodedImage | None) -> Iterator[str]:
         pending: list[str] = []
-        for _ in self._solo.steps(make(pending.append), image):
+        steps = self._solo.steps(make(pending.append), image)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                self.last_result = stop.value
+                break
             yield from pending
             pending.clear()
         yield from pending
