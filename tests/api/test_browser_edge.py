@@ -9,22 +9,17 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Route, sync_playwright
+from playwright.sync_api import Browser, Page, Route
 
 from moondream_server.api.docs_pages import DOCS_CSP
+from tests.api.browser import chromium
 from tests.api.support import IMAGES, LiveServer
-from tests.api.test_playground import find_chromium
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("no Chromium on this machine (see tests/api/test_playground.py)")
-    with sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=executable, headless=True)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 def _offline_page(browser: Browser, server: LiveServer, outside: list[str]) -> Page:

@@ -6,7 +6,7 @@ the boxes and points drawn over the image must sit where those coordinates say o
 rendered rectangle, the listed coordinates must be those numbers, and a streamed answer must arrive
 piece by piece (the same pieces as the SSE stream) and end equal to the non-streamed greedy answer.
 
-``PLAYGROUND_SCREENSHOT=path.png`` saves the screenshot there as well (docs/playground.png is made so).
+``PLAYGROUND_SCREENSHOT=path.png`` keeps a copy of the screenshot (taken after the detect).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page
 
 from moondream_server.api.playground.router import ASSETS
+from tests.api.browser import chromium
 from tests.api.support import IMAGES, LiveServer, file_data_url, tiny_settings
 
 IMG2 = IMAGES[1]  # 640 × 480: not square, so a swapped x/y shows
@@ -38,32 +39,11 @@ GREEDY = {"temperature": 0.0, "max_tokens": 12}
 # Layout is in fractional CSS pixels; an error of a pixel would be a visible misplacement.
 TOLERANCE_PX = 0.75
 
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
-
-
-def find_chromium() -> str | None:
-    configured = os.environ.get("CHROMIUM")
-    if configured:
-        return configured
-    for name in CHROMIUM_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip(
-            "no Chromium on this machine: install Debian's `chromium` package (`make test` does, "
-            "as root where apt-get is available) or set CHROMIUM=/path/to/chromium"
-        )
-    with sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=executable, headless=True)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture
