@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -210,3 +211,46 @@ def test_openapi_declares_both_schemes(keyed_server: LiveServer) -> None:
     schemes = spec["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
     assert any(s.get("scheme") == "bearer" for s in schemes.values())
+
+
+def test_real_openai_and_ollama_clients_send_their_key(keyed_server: LiveServer) -> None:
+    import ollama
+    import openai
+
+    messages: Any = [{"role": "user", "content": "Say hi."}]
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        good = openai.OpenAI(
+            base_url=f"{keyed_server.base_url}/v1", api_key=KEY, http_client=http, max_retries=0
+        )
+        out = good.chat.completions.create(model="moondream2", messages=messages, max_completion_tokens=4)
+        assert isinstance(out.choices[0].message.content, str)
+        bad = openai.OpenAI(
+            base_url=f"{keyed_server.base_url}/v1", api_key="sk-dummy", http_client=http, max_retries=0
+        )
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model="moondream2", messages=messages, max_completion_tokens=4)
+    keyed = ollama.Client(
+        host=keyed_server.base_url, trust_env=False, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    anonymous = ollama.Client(host=keyed_server.base_url, trust_env=False)
+    try:
+        assert keyed.generate(model="moondream", prompt="hi", options={"num_predict": 4}).response is not None
+        with pytest.raises(ollama.ResponseError) as caught:
+            anonymous.generate(model="moondream", prompt="hi")
+        assert caught.value.status_code == 401
+    finally:
+        keyed._client.close()
+        anonymous._client.close()
+
+
+def test_a_server_without_keys_serves_the_openai_clients_dummy_key(server: LiveServer) -> None:
+    import openai
+
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        client = openai.OpenAI(
+            base_url=f"{server.base_url}/v1", api_key="sk-dummy", http_client=http, max_retries=0
+        )
+        out = client.chat.completions.create(
+            model="moondream2", messages=[{"role": "user", "content": "Say hi."}], max_completion_tokens=4
+        )
+        assert isinstance(out.choices[0].message.content, str)

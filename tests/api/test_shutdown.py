@@ -1,6 +1,7 @@
-"""SIGTERM on a real ``moondream-server`` process with streamed and non-streamed requests in flight:
-each finishes within the grace period or is cut with the documented event (or 503 if its answer
-had not started), readiness and new requests get 503 while it drains, and the process exits 0."""
+"""SIGTERM on a real ``moondream-server`` process with streamed and non-streamed requests in flight
+(Moondream SSE, the ``openai`` and ``ollama`` clients): each finishes within the grace period or is
+cut with the documented event (or 503 if its answer had not started), readiness and new requests
+get 503 while it drains, and the process exits 0."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
+import openai
 import pytest
 
 GRACE_S = 4.0
@@ -114,6 +117,50 @@ class Call(threading.Thread):
             self.response = c.post(self.base + "/v1/query", json=_body(self.tokens, False))
 
 
+class ClientStream(threading.Thread):
+    """A long stream read by a real client library (``openai`` or ``ollama``)."""
+
+    def __init__(self, kind: str, base: str) -> None:
+        super().__init__(daemon=True)
+        self.kind, self.base = kind, base
+        self.first = threading.Event()
+        self.pieces: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            if self.kind == "openai":
+                with httpx.Client(trust_env=False, timeout=60) as http:
+                    client = openai.OpenAI(
+                        base_url=self.base + "/v1", api_key="sk-dummy", http_client=http, max_retries=0
+                    )
+                    chunks = client.chat.completions.create(
+                        model="moondream2",
+                        messages=[{"role": "user", "content": "hi"}],
+                        temperature=0,
+                        max_completion_tokens=LONG,
+                        stream=True,
+                    )
+                    for chunk in chunks:
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            self.pieces.append(chunk.choices[0].delta.content)
+                            self.first.set()
+            else:
+                local = ollama.Client(host=self.base, trust_env=False, timeout=60)
+                try:
+                    options = {"num_predict": LONG, "temperature": 0}
+                    for part in local.generate(model="moondream", prompt="hi", options=options, stream=True):
+                        if part.response:
+                            self.pieces.append(part.response)
+                            self.first.set()
+                finally:
+                    local._client.close()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.first.set()
+
+
 def _active(base: str) -> int:
     return int(httpx.get(base + "/health", trust_env=False).json()["requests"].get("active", 0))
 
@@ -122,13 +169,16 @@ def test_sigterm_drains_cuts_and_exits_zero(process: Process) -> None:
     base = process.base
     short_stream, long_stream = Stream(base, SHORT), Stream(base, LONG)
     short_call, long_call = Call(base, SHORT), Call(base, LONG)
-    for t in (long_stream, long_call, short_stream, short_call):
+    oai, oll = ClientStream("openai", base), ClientStream("ollama", base)
+    everyone: list[threading.Thread] = [long_stream, long_call, oai, oll, short_stream, short_call]
+    for t in everyone:
         t.start()
     deadline = time.monotonic() + 30
-    while _active(base) < 4:  # all four are being generated
+    while _active(base) < len(everyone):  # all are being generated
         assert time.monotonic() < deadline, "the requests did not all start"
         time.sleep(0.02)
-    assert long_stream.first.wait(10) and short_stream.first.wait(10)
+    for stream in (long_stream, short_stream, oai, oll):
+        assert stream.first.wait(10)
 
     process.proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
@@ -146,7 +196,7 @@ def test_sigterm_drains_cuts_and_exits_zero(process: Process) -> None:
 
     code = process.proc.wait(GRACE_S + 30)
     exited = time.monotonic() - sent
-    for t in (long_stream, long_call, short_stream, short_call):
+    for t in everyone:
         t.join(10)
     log = process.log.read_text()
     assert code == 0, log
@@ -168,6 +218,10 @@ def test_sigterm_drains_cuts_and_exits_zero(process: Process) -> None:
     assert last["request_id"]
     chunks = [e["chunk"] for e in long_stream.events[:-1]]
     assert len(chunks) >= 2 and all(e["completed"] is False for e in long_stream.events[:-1])
+    # Real clients are told too: openai and ollama raise with the message.
+    assert isinstance(oai.error, openai.APIError) and "cut off" in str(oai.error), oai.error
+    assert isinstance(oll.error, ollama.ResponseError) and "cut off" in str(oll.error), oll.error
+    assert oai.pieces and oll.pieces
     # ... and the call whose answer had not started gets 503.
     assert long_call.response is not None and long_call.response.status_code == 503
     assert long_call.response.json()["error"]["code"] == "shutting_down"
