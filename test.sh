@@ -89,6 +89,13 @@ S_CAPTION_S="$(json s_caption_s "{\"image\": \"$URL\", \"stream\": true, \"setti
 S_QUERY="$(json s_query "{\"image\": \"$URL\", \"question\": \"What is in this image?\", \"settings\": $SETTINGS}")"
 S_DETECT="$(json s_detect "{\"image\": \"$URL\", \"object\": \"cat\", \"settings\": {\"max_objects\": 4}}")"
 S_POINT="$(json s_point "{\"image\": \"$URL\", \"object\": \"cat\", \"settings\": {\"max_objects\": 4}}")"
+O_CHAT="$(json o_chat "{\"model\": \"moondream2\", \"max_tokens\": 8, \"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"What is this?\"}, {\"type\": \"image_url\", \"image_url\": {\"url\": \"$URL\"}}]}]}")"
+O_CHAT_S="$(json o_chat_s "{\"model\": \"moondream2\", \"max_tokens\": 8, \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"What is this?\"}, {\"type\": \"image_url\", \"image_url\": {\"url\": \"$URL\"}}]}]}")"
+O_OTHER="$(json o_other "{\"model\": \"gpt-4o\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}")"
+L_CHAT="$(json l_chat "{\"model\": \"moondream2\", \"stream\": false, \"options\": {\"num_predict\": 8}, \"messages\": [{\"role\": \"user\", \"content\": \"What is this?\", \"images\": [\"$B64\"]}]}")"
+L_CHAT_S="$(json l_chat_s "{\"model\": \"moondream2\", \"options\": {\"num_predict\": 8}, \"messages\": [{\"role\": \"user\", \"content\": \"What is this?\", \"images\": [\"$B64\"]}]}")"
+L_GENERATE="$(json l_generate "{\"model\": \"moondream2\", \"stream\": false, \"options\": {\"num_predict\": 8}, \"prompt\": \"What is this?\", \"images\": [\"$B64\"]}")"
+L_SHOW="$(json l_show "{\"model\": \"moondream2\"}")"
 BAD_B64="$(json bad_b64 "{\"image_url\": \"data:image/png;base64,@@not-base64@@\"}")"
 NOT_IMAGE="$(json not_image "{\"image_url\": \"data:image/png;base64,aGVsbG8gd29ybGQ=\"}")"
 MISSING="$(json missing "{\"length\": \"short\"}")"
@@ -125,6 +132,34 @@ req /v1/detect "$J_DETECT"
 check 200 "POST /v1/detect" '"objects"' -- "${REQ[@]}" "${AUTH[@]}"
 req /v1/point "$J_POINT"
 check 200 "POST /v1/point" '"points"' -- "${REQ[@]}" "${AUTH[@]}"
+
+req /v1/segment "$J_DETECT"
+check 501 "POST /v1/segment -> 501 (no such skill in Moondream2)" '"skill_not_available"' -- "${REQ[@]}" "${AUTH[@]}"
+
+# --- OpenAI-compatible routes
+BEARER=()
+if [[ -n "$API_KEY" ]]; then
+    BEARER=(-H "Authorization: Bearer $API_KEY")
+fi
+check 200 "GET /v1/models" '"moondream2"' -- "$BASE_URL/v1/models" "${BEARER[@]}"
+req /v1/chat/completions "$O_CHAT"
+check 200 "POST /v1/chat/completions" '"chat.completion"' -- "${REQ[@]}" "${BEARER[@]}"
+req /v1/chat/completions "$O_CHAT_S"
+check 200 "POST /v1/chat/completions stream" 'data: \[DONE\]' -- "${REQ[@]}" -N "${BEARER[@]}"
+req /v1/chat/completions "$O_OTHER"
+check 404 "another model -> 404" '"model_not_found"' -- "${REQ[@]}" "${BEARER[@]}"
+
+# --- Ollama-compatible routes
+req /api/chat "$L_CHAT"
+check 200 "POST /api/chat" '"done":true' -- "${REQ[@]}" "${BEARER[@]}"
+req /api/chat "$L_CHAT_S"
+check 200 "POST /api/chat stream (the default)" '"done": true' -- "${REQ[@]}" -N "${BEARER[@]}"
+req /api/generate "$L_GENERATE"
+check 200 "POST /api/generate" '"response"' -- "${REQ[@]}" "${BEARER[@]}"
+check 200 "GET /api/tags" '"moondream2:latest"' -- "$BASE_URL/api/tags" "${BEARER[@]}"
+req /api/show "$L_SHOW"
+check 200 "POST /api/show" '"vision"' -- "${REQ[@]}" "${BEARER[@]}"
+check 200 "GET /api/version" '"version"' -- "$BASE_URL/api/version" "${BEARER[@]}"
 
 # --- seed routes (JSON)
 req /caption "$S_CAPTION"
