@@ -18,8 +18,10 @@ def test_every_surface_package_is_found() -> None:
 def test_the_longest_registered_prefix_chooses_the_error_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(errors, "_SHAPES", {})  # this test's registrations end with it
     for surface in discover_surfaces():
-        if surface.error_prefix is not None and surface.error_body is not None:
-            register_error_shape(surface.error_prefix, surface.error_body)
+        body = surface.error_body
+        if body is not None:
+            for prefix in surface.error_prefixes:
+                register_error_shape(prefix, body)
     register_error_shape("/v1/test-shape", lambda e: {"only": e.message})
     error = ErrorInfo(400, "bad", code="c", param="p")
     assert error_body_for("/v1/test-shape/x")(error) == {"only": "bad"}

@@ -101,8 +101,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(metrics.router)
     for surface in discover_surfaces():
         app.include_router(surface.router)
-        if surface.error_prefix is not None and surface.error_body is not None:
-            register_error_shape(surface.error_prefix, surface.error_body)
+        body = surface.error_body
+        if body is not None:
+            for prefix in surface.error_prefixes:
+                register_error_shape(prefix, body)
     # Innermost: cancels a route's work when its client leaves before the response starts.
     app.add_middleware(CancelOnDisconnectMiddleware)
     # Added last = outermost. Paths are normalised before anything looks at them; the Host and

@@ -2,7 +2,7 @@
 
 A surface is a subpackage of ``moondream_server.api`` whose ``__init__`` defines ``SURFACE``: its
 router (routes in ``router.py``, request/response schemas in ``protocol.py``) and, when its
-errors have their own shape, the path prefix they apply under. The routes run skills through
+errors have their own shape, that shape and the path prefixes it applies under. The routes run skills through
 ``serving``; the app includes every surface it finds, so adding one is adding its package.
 """
 
@@ -21,8 +21,8 @@ from moondream_server.api.errors import ErrorBody
 class Surface:
     name: str
     router: APIRouter
-    error_prefix: str | None = None  # errors on paths under it are rendered with error_body
     error_body: ErrorBody | None = None
+    error_prefixes: tuple[str, ...] = ()  # errors on paths under these are rendered with error_body
 
 
 def discover_surfaces() -> list[Surface]:

@@ -4,4 +4,4 @@ from moondream_server.api.cloud.router import router
 from moondream_server.api.errors import openai_style_body
 from moondream_server.api.surface import Surface
 
-SURFACE = Surface(name="cloud", router=router, error_prefix="/v1", error_body=openai_style_body)
+SURFACE = Surface(name="cloud", router=router, error_body=openai_style_body, error_prefixes=("/v1",))

@@ -5,4 +5,4 @@ from moondream_server.api.ollama.protocol import error_body
 from moondream_server.api.ollama.router import router
 from moondream_server.api.surface import Surface
 
-SURFACE = Surface(name="ollama", router=router, error_prefix="/api", error_body=error_body)
+SURFACE = Surface(name="ollama", router=router, error_body=error_body, error_prefixes=("/api",))
