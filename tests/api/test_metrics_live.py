@@ -4,14 +4,20 @@ Debian's ``prometheus`` package is installed) accept it, and its numbers move wi
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.support import GREEDY, IMAGES, LiveServer, file_data_url
+from tests.api.support import GREEDY, LiveServer, data_url, encode, tiny_settings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -66,8 +72,11 @@ def test_numbers_move_with_the_traffic(server: LiveServer, client: httpx.Client)
     assert value(before, "moondream_active_sequences") == 0
     assert value(before, "moondream_model_load_seconds") > 0
 
-    image = file_data_url(IMAGES[2])
-    body = {"image_url": image, "length": "short", "settings": GREEDY}
+    # An image no other test sent: its first caption misses the image cache, the second hits.
+    noise = Image.frombytes(
+        "RGB", (64, 48), bytes(random.Random(13).randrange(256) for _ in range(64 * 48 * 3))
+    )
+    body = {"image_url": data_url(encode(noise)), "length": "short", "settings": GREEDY}
     first = client.post("/v1/caption", json=body).json()
     second = client.post("/v1/caption", json=body).json()  # the same image: from the cache
     assert client.post("/v1/caption", json={}).status_code == 422
@@ -103,7 +112,9 @@ def test_numbers_move_with_the_traffic(server: LiveServer, client: httpx.Client)
     assert delta("moondream_request_output_tokens_sum", task="query") == 2 * plain["metrics"]["output_tokens"]
 
     assert delta("moondream_engine_requests_total", outcome="completed") == 4
-    assert delta("moondream_image_cache_hits_total") >= 1
+    assert delta("moondream_image_cache_misses_total") == 1
+    assert delta("moondream_image_cache_hits_total") == 1
+    assert delta("moondream_queue_wait_seconds_count", task="caption") == 2
     assert value(after, "moondream_image_cache_bytes") > 0
     assert value(after, "moondream_image_cache_entries") >= 1
     info = [k for k in after if k[0] == "moondream_model_info"]
@@ -124,3 +135,31 @@ def test_promtool_accepts_the_exposition(client: httpx.Client) -> None:
     text = client.get("/metrics").text
     done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done
+
+
+def test_queue_wait_is_the_time_spent_behind_another_request(
+    start_server: Callable[..., LiveServer], never_stop_checkpoint: Path
+) -> None:
+    """One slot, two requests of the same length sent together: one waits about as long as the
+    other runs, and that is what the queue-wait histogram says."""
+    srv = start_server(tiny_settings(model=str(never_stop_checkpoint), max_batch_size=1))
+    body = {"question": "hi", "settings": {"temperature": 0, "max_tokens": 300}}
+    took: list[float] = []
+
+    def call() -> None:
+        with srv.client() as c:
+            start = time.monotonic()
+            assert c.post("/v1/query", json=body).status_code == 200
+            took.append(time.monotonic() - start)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with srv.client() as c:
+        samples, _ = scrape(c)
+    waited = value(samples, "moondream_queue_wait_seconds_sum", task="query")
+    assert value(samples, "moondream_queue_wait_seconds_count", task="query") == 2
+    # The second waited for the first (its whole run, ~half the slower client's time); never more.
+    assert 0.3 * max(took) < waited < max(took), (waited, took)

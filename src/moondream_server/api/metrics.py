@@ -116,9 +116,7 @@ class AppMetrics:
         self.output_tokens.labels(task).observe(m.output_tokens)
         if m.ttft_ms > 0:
             self.ttft.labels(task).observe(m.ttft_ms / 1000)
-        queue_ms = getattr(m, "queue_ms", None)
-        if isinstance(queue_ms, int | float):
-            self.queue_wait.labels(task).observe(queue_ms / 1000)
+        self.queue_wait.labels(task).observe(m.queue_ms / 1000)
 
 
 _current: contextvars.ContextVar[AppMetrics | None] = contextvars.ContextVar(

@@ -129,7 +129,12 @@ class BatchedEngine(Generic[S, E, P]):
         }
         if self.image_cache is not None:
             c = self.image_cache.stats()
-            out.update(image_cache_hits=c.hits, image_cache_entries=c.entries, image_cache_bytes=c.bytes)
+            out.update(
+                image_cache_hits=c.hits,
+                image_cache_misses=c.misses,
+                image_cache_entries=c.entries,
+                image_cache_bytes=c.bytes,
+            )
         return out
 
     async def start(self) -> None:
@@ -359,6 +364,7 @@ class BatchedEngine(Generic[S, E, P]):
             decode_time_ms=_ms(end - first),
             ttft_ms=_ms(first - req.submitted_at),
             image_tokens=image_tokens,
+            queue_ms=_ms(start - req.submitted_at),
         )
 
     # -- skills: typed parameters -> a task -> typed results -------------------------------------

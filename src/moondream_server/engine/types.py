@@ -25,6 +25,7 @@ class Metrics:
     decode_time_ms: float = 0.0
     ttft_ms: float = 0.0
     image_tokens: int = 0  # context positions the image took (0 for a text-only query)
+    queue_ms: float = 0.0  # from submission until the scheduler gave the request a slot
 
 
 @dataclass
