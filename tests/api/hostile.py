@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import select
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from collections.abc import Iterable
+
+import httpx
+import psutil
 
 _ROWS_PER_CHUNK = 4096
 
@@ -34,3 +44,98 @@ def png_of_zeros(width: int, height: int, *, depth: int = 8, color_type: int = 2
         + _chunk(b"IDAT", b"".join(parts))
         + _chunk(b"IEND", b"")
     )
+
+
+# ------------------------------------------------------------------------- a server process
+
+
+class ServerProcess:
+    """``moondream-server`` in a process of its own, so that its RSS is its own."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port: int = s.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "moondream_server.api.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        self._proc = subprocess.Popen(
+            [*cmd, *args],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.process = psutil.Process(self._proc.pid)
+
+    def wait_ready(self, timeout: float = 180.0) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise RuntimeError(f"the server exited with {self._proc.returncode}: {err[-2000:]}")
+            try:
+                if httpx.get(self.base_url + "/health/ready", trust_env=False, timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not become ready")
+            time.sleep(0.2)
+
+    @property
+    def rss(self) -> int:
+        return int(self.process.memory_info().rss)
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(10)
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
+
+
+def raw_post(
+    port: int, path: str, headers: dict[str, str], chunks: Iterable[bytes], *, timeout: float = 30.0
+) -> tuple[int, bytes]:
+    """POST over a raw socket, sending ``chunks`` until the server answers; (status, body head).
+
+    A server that refuses a body early answers while the client is still sending; this client
+    stops sending then, as a browser or curl would, instead of failing on a reset connection.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        sock.sendall(head.encode())
+        got = b""
+        for chunk in chunks:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sock.sendall(chunk)
+            except OSError:  # the server closed the connection after answering
+                break
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in got and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            got += data
+        status_line = got.split(b"\r\n", 1)[0].decode(errors="replace")
+        return int(status_line.split()[1]), got
+    finally:
+        sock.close()

@@ -21,6 +21,7 @@ from moondream_server.api.disconnect import CancelOnDisconnectMiddleware
 from moondream_server.api.docs_pages import DOCS_ASSETS, DocsPolicyMiddleware
 from moondream_server.api.errors import install_exception_handlers, register_error_shape
 from moondream_server.api.images import configure_pillow
+from moondream_server.api.json_body import check_routes
 from moondream_server.api.metrics import AppMetrics, MetricsMiddleware
 from moondream_server.api.middleware import BodyLimitMiddleware, PathNormalizeMiddleware
 from moondream_server.api.shutdown import Drain, DrainMiddleware
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if body is not None:
             for prefix in surface.error_prefixes:
                 register_error_shape(prefix, body)
+    check_routes(app)
     # Innermost: cancels a route's work when its client leaves before the response starts.
     app.add_middleware(CancelOnDisconnectMiddleware)
     # Added last = outermost. Paths are normalised before anything looks at them; the Host and

@@ -25,6 +25,7 @@ from moondream_server.api.cloud.protocol import (
 )
 from moondream_server.api.errors import ApiError
 from moondream_server.api.image_input import image_from_string
+from moondream_server.api.json_body import BoundedJSONRoute
 from moondream_server.api.moondream_sse import SSE_RESPONSE, chunk_stream
 from moondream_server.api.moondream_wire import (
     boxes_out,
@@ -38,7 +39,12 @@ from moondream_server.api.served_model import check_model, check_variant
 from moondream_server.api.spatial_refs import check_spatial_refs
 from moondream_server.engine.base import Engine
 
-router = APIRouter(prefix="/v1", tags=["cloud-compatible (/v1)"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["cloud-compatible (/v1)"],
+    dependencies=[Depends(require_api_key)],
+    route_class=BoundedJSONRoute,
+)
 
 _COMMON = (401, 404, 413, 422, 429, 500, 503, 504)
 

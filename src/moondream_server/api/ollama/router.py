@@ -30,6 +30,7 @@ from moondream_server.api.auth import require_api_key
 from moondream_server.api.chat_question import Question, Turn, to_question
 from moondream_server.api.errors import ApiError
 from moondream_server.api.image_input import image_from_string
+from moondream_server.api.json_body import BoundedJSONRoute
 from moondream_server.api.ollama.options import refuse_unsupported, sampling_settings
 from moondream_server.api.ollama.protocol import (
     AssistantMessage,
@@ -52,7 +53,12 @@ from moondream_server.engine.types import QueryResult, TextResult
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api", tags=["Ollama-compatible (/api)"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/api",
+    tags=["Ollama-compatible (/api)"],
+    dependencies=[Depends(require_api_key)],
+    route_class=BoundedJSONRoute,
+)
 
 TAG = f"{SERVED_NAME}:latest"
 _STARTED = datetime.now(UTC)

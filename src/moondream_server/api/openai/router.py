@@ -26,6 +26,7 @@ from moondream_server.api.auth import require_api_key
 from moondream_server.api.chat_question import to_question
 from moondream_server.api.cloud.protocol import V1ErrorBody
 from moondream_server.api.image_input import image_from_string
+from moondream_server.api.json_body import BoundedJSONRoute
 from moondream_server.api.moondream_wire import reasoning_out
 from moondream_server.api.openai.conversation import refuse_unsupported, to_turns
 from moondream_server.api.openai.protocol import (
@@ -48,7 +49,12 @@ from moondream_server.engine.types import FinishReason, SamplingSettings, TextRe
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible (/v1)"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["OpenAI-compatible (/v1)"],
+    dependencies=[Depends(require_api_key)],
+    route_class=BoundedJSONRoute,
+)
 
 _STARTED = int(time.time())
 _STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {

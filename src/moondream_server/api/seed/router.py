@@ -17,6 +17,7 @@ from moondream_server.api import serving
 from moondream_server.api.app_state import ready_engine
 from moondream_server.api.auth import require_api_key
 from moondream_server.api.image_input import image_from_bytes, image_from_string
+from moondream_server.api.json_body import BoundedJSONRoute
 from moondream_server.api.moondream_sse import SSE_RESPONSE, chunk_stream
 from moondream_server.api.moondream_wire import (
     MAX_OBJECT_CHARS,
@@ -46,7 +47,7 @@ from moondream_server.api.seed.protocol import (
 from moondream_server.api.spatial_refs import check_spatial_refs
 from moondream_server.engine.types import SpatialRef
 
-router = APIRouter(tags=["seed"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["seed"], dependencies=[Depends(require_api_key)], route_class=BoundedJSONRoute)
 
 _ERRORS = error_responses(400, 401, 413, 422, 429, 500, 503, 504, model=SeedErrorBody)
 
