@@ -310,6 +310,31 @@ CASES: list[Case] = [
         "tokens fit",
     ),
     Case("v1-model-1mb", post("/v1/query", json={"question": "q", "model": "m" * MiB}), 422, "256"),
+    # the OpenAI and Ollama surfaces carry text in their own fields: refused before tokenizing
+    Case(
+        "openai-content-19mb",
+        post(
+            "/v1/chat/completions",
+            json={"model": "moondream2", "messages": [{"role": "user", "content": "x" * (19 * MiB)}]},
+        ),
+        400,
+        "16,384",
+    ),
+    Case(
+        "ollama-prompt-19mb",
+        post("/api/generate", json={"model": "moondream2", "prompt": "x" * (19 * MiB)}),
+        400,
+        "16,384",
+    ),
+    Case(
+        "openai-5000-messages",
+        post(
+            "/v1/chat/completions",
+            json={"model": "moondream2", "messages": [{"role": "user", "content": "q"}] * 5000},
+        ),
+        413,
+        "4,096",
+    ),
     # spatial_refs
     Case(
         "v1-refs-1m",

@@ -12,7 +12,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moondream_server.engine.params import MAX_OBJECTS, MAX_TOKENS, TEMPERATURE, TOP_P, SamplingSettings
+from moondream_server.engine.params import (
+    MAX_OBJECT_CHARS,
+    MAX_OBJECTS,
+    MAX_QUESTION_CHARS,
+    MAX_TOKENS,
+    TEMPERATURE,
+    TOP_P,
+    SamplingSettings,
+)
 from moondream_server.engine.types import Box, Metrics, Point, Reasoning
 
 log = logging.getLogger(__name__)
@@ -23,8 +31,6 @@ CaptionLengthField = Literal["short", "normal", "long"]
 # work: lengths are in characters (what JSON Schema's maxLength counts; at most 4 UTF-8 bytes
 # each). Token counts are checked by the engine before anything is embedded (400): a question
 # must leave room in the 2,048-token context for the image (730), the prompt and an answer.
-MAX_QUESTION_CHARS = 16_384
-MAX_OBJECT_CHARS = 2_048
 MAX_SPATIAL_REFS = 64
 MAX_MODEL_NAME_CHARS = 256
 

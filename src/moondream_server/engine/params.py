@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from moondream_server.model.params import (
     BOUNDS,
     CAPTION_LENGTHS,
+    MAX_OBJECT_CHARS,
     MAX_OBJECTS,
+    MAX_QUESTION_CHARS,
     MAX_TOKENS,
     TEMPERATURE,
     TOP_P,
@@ -30,6 +32,8 @@ __all__ = [
     "BOUNDS",
     "CAPTION_LENGTHS",
     "MAX_OBJECTS",
+    "MAX_OBJECT_CHARS",
+    "MAX_QUESTION_CHARS",
     "MAX_TOKENS",
     "TEMPERATURE",
     "TOP_P",

@@ -29,7 +29,12 @@ from moondream_server.model.decoding import (
 )
 from moondream_server.model.image_key import image_content_key
 from moondream_server.model.kv_cache import KVCache, KVPool
-from moondream_server.model.params import TextSettings
+from moondream_server.model.params import (
+    MAX_OBJECT_CHARS,
+    MAX_QUESTION_CHARS,
+    TextSettings,
+    check_text_length,
+)
 from moondream_server.model.seam import OnText, StepItem
 from moondream_server.model.tasks import CaptionTask, QueryTask, Task
 from moondream_server.model.text import SeqSlice
@@ -258,6 +263,7 @@ class MoondreamRuntime:
         if isinstance(task, CaptionTask):
             return caption_program(ctx, task.length, task.settings, left, on_text)
         if isinstance(task, QueryTask):
+            check_text_length("question", task.question, MAX_QUESTION_CHARS)  # before tokenizing
             question_ids = self.model.encode_text(task.question)
             # Now, not when the program first runs on the scheduler thread: the caller gets a
             # 400 before the request takes a queue place.
@@ -275,6 +281,7 @@ class MoondreamRuntime:
                 spatial_refs=refs,
                 on_text=on_text,
             )
+        check_text_length("object", task.object, MAX_OBJECT_CHARS)
         object_ids = self.model.encode_text(" " + task.object)
         check_object_fits(ctx, task.skill, object_ids, left)
         return region_program(ctx, task.skill, object_ids, task.settings.max_objects, left)

@@ -20,8 +20,6 @@ from moondream_server.api.image_input import image_from_bytes, image_from_string
 from moondream_server.api.json_body import BoundedJSONRoute
 from moondream_server.api.moondream_sse import SSE_RESPONSE, chunk_stream
 from moondream_server.api.moondream_wire import (
-    MAX_OBJECT_CHARS,
-    MAX_QUESTION_CHARS,
     MAX_SPATIAL_REFS,
     CaptionLengthField,
     SettingsIn,
@@ -45,6 +43,7 @@ from moondream_server.api.seed.protocol import (
     SeedErrorBody,
 )
 from moondream_server.api.spatial_refs import check_spatial_refs
+from moondream_server.engine.params import MAX_OBJECT_CHARS, MAX_QUESTION_CHARS
 from moondream_server.engine.types import SpatialRef
 
 router = APIRouter(tags=["seed"], dependencies=[Depends(require_api_key)], route_class=BoundedJSONRoute)
