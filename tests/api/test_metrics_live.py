@@ -161,5 +161,6 @@ def test_queue_wait_is_the_time_spent_behind_another_request(
         samples, _ = scrape(c)
     waited = value(samples, "moondream_queue_wait_seconds_sum", task="query")
     assert value(samples, "moondream_queue_wait_seconds_count", task="query") == 2
-    # The second waited for the first (its whole run, ~half the slower client's time); never more.
-    assert 0.3 * max(took) < waited < max(took), (waited, took)
+    # The second waited for the first's whole run (the quicker client's time), and never longer
+    # than its own client waited in all.
+    assert 0.5 * min(took) < waited < max(took), (waited, took)

@@ -195,6 +195,7 @@ class MetricsMiddleware:
         self.metrics = metrics
         self._routes_of = routes_of  # the FastAPI app, whose routes are read at the first request
         self._templates: list[tuple[re.Pattern[str], str]] | None = None
+        self._plain: frozenset[str] = frozenset()  # templates without parameters: a set lookup
 
     def _route(self, path: str) -> str:
         if self._templates is None:
@@ -204,6 +205,9 @@ class MetricsMiddleware:
                 if isinstance(regex, re.Pattern) and route.path is not None:
                     found.append((regex, route.path))
             self._templates = found
+            self._plain = frozenset(t for _, t in found if "{" not in t)
+        if path in self._plain:
+            return path
         for regex, template in self._templates:
             if regex.match(path):
                 return template

@@ -47,13 +47,9 @@ class Drain:
     def __init__(self) -> None:
         self.draining = False
         self.in_flight = 0
+        self.running: set[asyncio.Task[None]] = set()  # the requests' app tasks, to cancel at the cut
+        self.cut: set[asyncio.Task[None]] = set()  # those cancelled by the cut
         self._idle: asyncio.Event | None = None
-        self._cut: asyncio.Event | None = None
-
-    def cut_event(self) -> asyncio.Event:
-        if self._cut is None:
-            self._cut = asyncio.Event()
-        return self._cut
 
     def idle_event(self) -> asyncio.Event:
         if self._idle is None:
@@ -81,7 +77,9 @@ class Drain:
         except TimeoutError:
             pass
         log.warning("shutdown grace passed: cutting %d request(s) still running", self.in_flight)
-        self.cut_event().set()
+        for task in list(self.running):
+            self.cut.add(task)
+            task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle_event().wait(), cut_wait_s)
 
@@ -132,23 +130,19 @@ class DrainMiddleware:
             await send(message)
 
         self.drain.enter()
+        # The app runs in a task of its own, so that the cut can cancel it (its generation then
+        # stops as when a client leaves) and this middleware still answers.
+        task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
+        self.drain.running.add(task)
         try:
-            task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
-            cut = asyncio.ensure_future(self.drain.cut_event().wait())
             try:
-                await asyncio.wait({task, cut}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                task.cancel()
-                raise
-            finally:
-                cut.cancel()
-            if task.done():
-                task.result()
-                return
-            task.cancel()  # the app's generation stops as when a client leaves
-            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            if ended:
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if task not in self.drain.cut or (me is not None and me.cancelling()):
+                    task.cancel()
+                    raise  # cancelled from outside (uvicorn's forced exit), not cut
+            if task not in self.drain.cut or ended:
                 return
             if not started:
                 response = render_error(
@@ -165,6 +159,8 @@ class DrainMiddleware:
             with contextlib.suppress(OSError):
                 await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
+            self.drain.running.discard(task)
+            self.drain.cut.discard(task)
             self.drain.leave()
 
 
