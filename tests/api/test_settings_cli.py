@@ -171,3 +171,23 @@ def test_main_reports_bad_settings_without_a_traceback(
     with pytest.raises(SystemExit) as caught:
         cli.main([])
     assert "max_queue" in str(caught.value.code)
+
+
+def test_every_setting_and_flag_is_documented() -> None:
+    """README's configuration table and docs/api.md's name every setting's variable and flag."""
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    api = (repo / "docs/api.md").read_text(encoding="utf-8")
+    flags = {dest: flag for flag, dest, _ in cli._FLAGS}
+    missing = []
+    for name in Settings.model_fields:
+        if f"`MOONDREAM_{name.upper()}`" not in readme:
+            missing.append(f"README: MOONDREAM_{name.upper()}")
+        if f"| `{name.upper()}` |" not in api:
+            missing.append(f"docs/api.md: {name.upper()}")
+    for dest, flag in flags.items():
+        assert dest in Settings.model_fields, flag
+        for doc, text in (("README", readme), ("docs/api.md", api)):
+            if f"`{flag}`" not in text:
+                missing.append(f"{doc}: {flag}")
+    assert missing == []
