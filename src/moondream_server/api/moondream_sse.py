@@ -20,6 +20,7 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse
 
+from moondream_server.api.openapi_docs import SSE_EVENT_SCHEMA
 from moondream_server.api.serving import Generation
 from moondream_server.engine.errors import EngineError
 
@@ -32,7 +33,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
             '`data: {"chunk": "...", "completed": false}` events ending with '
             '`data: {"chunk": "", "completed": true, "request_id": "..."}`.'
         ),
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
     }
 }
 

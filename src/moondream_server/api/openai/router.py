@@ -42,7 +42,7 @@ from moondream_server.api.openai.protocol import (
     ResponseMessage,
     Usage,
 )
-from moondream_server.api.openapi_docs import error_responses
+from moondream_server.api.openapi_docs import SSE_EVENT_SCHEMA, error_responses
 from moondream_server.api.served_model import OWNER, SERVED_NAME, check_model
 from moondream_server.engine.errors import EngineError
 from moondream_server.engine.types import FinishReason, SamplingSettings, TextResult
@@ -61,7 +61,7 @@ _STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON, or with `stream: true` OpenAI's `text/event-stream` of chunks ending "
         "with `data: [DONE]`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
     }
 }
 
