@@ -12,11 +12,7 @@ def check_spatial_refs(
     refs: Sequence[Sequence[float]] | None, *, has_image: bool, param: str = "spatial_refs"
 ) -> list[SpatialRef]:
     """2 values (a point) or 4 (a box), finite, in [0, 1], boxes not inverted; needs an image."""
-    if not refs:
-        return []
-    if not has_image:
-        raise ApiError(400, "spatial_refs need an image", code="invalid_spatial_refs", param=param)
     try:
-        return list(spatial_refs(refs))
+        return list(spatial_refs(refs, with_image=has_image))
     except ValueError as exc:  # the message names the reference: "spatial_refs[i] ..."
         raise ApiError(400, str(exc), code="invalid_spatial_refs", param=param) from None

@@ -128,8 +128,11 @@ def spatial_ref(values: Sequence[object]) -> SpatialRef:
     return (x_min, y_min, x_max, y_max)
 
 
-def spatial_refs(values: Sequence[Sequence[object]] | None) -> tuple[SpatialRef, ...]:
+def spatial_refs(
+    values: Sequence[Sequence[object]] | None, *, with_image: bool = True
+) -> tuple[SpatialRef, ...]:
     """Every reference checked; a message names the first bad one (``spatial_refs[i] ...``)."""
+    refs_need_image(values, with_image)
     out: list[SpatialRef] = []
     for i, ref in enumerate(values or ()):
         try:
@@ -137,3 +140,9 @@ def spatial_refs(values: Sequence[Sequence[object]] | None) -> tuple[SpatialRef,
         except ValueError as exc:
             raise ValueError(f"spatial_refs[{i}] {exc}") from None
     return tuple(out)
+
+
+def refs_need_image(refs: Sequence[object] | None, with_image: bool) -> None:
+    """Spatial references point into an image: a question without one cannot have them."""
+    if refs and not with_image:
+        raise ValueError("spatial_refs need an image")

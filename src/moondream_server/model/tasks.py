@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from moondream_server.model.params import CAPTION_LENGTHS, CaptionLength, SpatialRef, TextSettings
+from moondream_server.model.params import (
+    CAPTION_LENGTHS,
+    CaptionLength,
+    SpatialRef,
+    TextSettings,
+    refs_need_image,
+)
 
 RegionSkill = Literal["detect", "point"]
 
@@ -41,8 +47,7 @@ class QueryTask:
     settings: TextSettings = field(default_factory=TextSettings)
 
     def __post_init__(self) -> None:
-        if self.spatial_refs and not self.with_image:
-            raise ValueError("spatial_refs need an image")
+        refs_need_image(self.spatial_refs, self.with_image)
 
 
 @dataclass(frozen=True)
