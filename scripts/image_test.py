@@ -336,10 +336,19 @@ def descendants(pid: int) -> list[int]:
 
 
 def server_process(launcher: int) -> int | None:
+    """The Python process running the console script below ``launcher``.
+
+    buildah's chroot helper in between is named ``buildah-chroot-exec /opt/venv/bin/moondream-server``;
+    a signal to it kills the server outright, so only the interpreter itself counts.
+    """
     for pid in descendants(launcher):
         with suppress(OSError):
             argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
-            if any(a.endswith(b"moondream-server") for a in argv[:2]):
+            if (
+                len(argv) > 1
+                and os.path.basename(argv[0]).startswith(b"python")
+                and os.path.basename(argv[1]) == b"moondream-server"
+            ):
                 return pid
     return None
 
@@ -457,12 +466,21 @@ def serve_and_check(flavour: Flavour, config: dict[str, Any], container: str, wo
         if status != 200 or not boxes_close(detect.get("objects", []), want_boxes):
             raise ImageTestError(f"detect: want {want_boxes} (golden, ±{BOX_TOLERANCE})")
         say("answers: caption and detect equal the official implementation's golden outputs")
-    finally:
+    except BaseException:
         stop(launcher, server, log)
+        raise
+    # `docker stop` sends the same signal: the server drains and exits 0 (api/shutdown.py).
+    code = stop(launcher, server, log)
+    if code != 0:
+        raise ImageTestError(f"the server did not stop cleanly on SIGTERM (exit {code})")
+    say("serve: graceful stop on SIGTERM (exit 0)")
 
 
-def stop(launcher: subprocess.Popen[bytes], server: int | None, log: Path) -> None:
-    """SIGTERM the server (a graceful shutdown), then the launcher's session if anything is left."""
+def stop(launcher: subprocess.Popen[bytes], server: int | None, log: Path) -> int | None:
+    """SIGTERM the server (a graceful shutdown), then kill the launcher's session if anything is left.
+
+    Returns ``buildah run``'s exit status (the server's), or None when it had to be killed.
+    """
     if server is None:
         server = server_process(launcher.pid)
     if server is not None:
@@ -471,13 +489,14 @@ def stop(launcher: subprocess.Popen[bytes], server: int | None, log: Path) -> No
     try:
         code = launcher.wait(timeout=60)
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        # Reported, not judged: how the server drains is the server's business (its own tests).
-        say(f"serve: SIGTERM -> buildah run exited {code}; the server's last lines: {' | '.join(tail)}")
+        say(f"serve: SIGTERM -> exit {code} ({' | '.join(tail)})")
+        return code
     except subprocess.TimeoutExpired:
         with suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=30)
         say("serve: the server ignored SIGTERM for 60 s and was killed")
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

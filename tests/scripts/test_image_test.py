@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,19 +49,31 @@ def test_boxes_close_within_tolerance_only() -> None:
     assert not it.boxes_close([], [box])
 
 
-def test_server_process_is_found_below_its_launcher() -> None:
-    """A process named like the console script, two levels below the launcher (as under buildah run)."""
+def test_server_process_is_the_interpreter_not_buildahs_helper(tmp_path: Path) -> None:
+    """As under `buildah run`: a helper named ``buildah-chroot-exec .../moondream-server`` runs the
+    interpreter ``python .../moondream-server``; only the interpreter may get the SIGTERM (a signal to
+    the helper kills the server outright)."""
+    (tmp_path / "server").mkdir()
+    server_script = tmp_path / "server" / "moondream-server"
+    server_script.write_text("import time\ntime.sleep(30)\n")
+    helper_script = tmp_path / "moondream-server"
+    helper_script.write_text(
+        "import subprocess\n"
+        f"subprocess.run(['/opt/venv/bin/python', {str(server_script)!r}], executable={sys.executable!r})\n"
+    )
     launcher = subprocess.Popen(
-        ["bash", "-c", "(exec -a /opt/venv/bin/moondream-server sleep 30); true"], start_new_session=True
+        ["buildah-chroot-exec", str(helper_script)], executable=sys.executable, start_new_session=True
     )
     try:
         found = None
-        for _ in range(50):
+        for _ in range(100):
             found = it.server_process(launcher.pid)
             if found is not None:
                 break
             time.sleep(0.1)
         assert found is not None and found != launcher.pid
+        argv = Path(f"/proc/{found}/cmdline").read_bytes().split(b"\0")
+        assert argv[:2] == [b"/opt/venv/bin/python", str(server_script).encode()]
         assert it.process_uids(found) == [os.getuid(), os.geteuid(), os.getuid(), os.geteuid()]
     finally:
         os.killpg(launcher.pid, 9)
