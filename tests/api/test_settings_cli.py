@@ -155,6 +155,9 @@ def test_console_script_serves_and_shuts_down_cleanly(tmp_path: Path, launcher: 
     assert code in (0, -signal.SIGTERM), text
     assert "Application shutdown complete" in text, text
     assert "model is loaded and warm" in text
+    assert (
+        "authentication on: 1 key(s) from --api-key/MOONDREAM_API_KEYS; /metrics is behind the keys" in text
+    )
 
 
 def test_main_reports_bad_settings_without_a_traceback(

@@ -94,7 +94,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.metrics = app_metrics
     if keys:
         where = "open" if settings.public_metrics else "behind the keys"
-        log.info("authentication on: %d key(s); /metrics is %s", len(keys), where)
+        named = (
+            ("--api-key/MOONDREAM_API_KEYS", settings.api_keys.strip()),
+            ("MOONDREAM_API_KEY", settings.api_key.strip()),
+            ("--api-key-file", settings.api_key_file),
+        )
+        sources = ", ".join(name for name, value in named if value)
+        log.info("authentication on: %d key(s) from %s; /metrics is %s", len(keys), sources, where)
     else:
         log.warning("no API keys configured: every route is open to anyone who can reach this server")
     install_exception_handlers(app)
