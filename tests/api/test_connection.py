@@ -8,17 +8,28 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from moondream_server.api import connection
 from tests.api.support import LiveServer, tiny_settings
 
 HEADERS_S, BODY_S, IDLE_S = 1.0, 2.0, 1.0
 
 
-@pytest.fixture(scope="module")
-def strict() -> Iterator[LiveServer]:
-    srv = LiveServer(
-        tiny_settings(header_timeout_s=HEADERS_S, body_timeout_s=BODY_S, keep_alive_timeout_s=IDLE_S)
-    ).start()
+@pytest.fixture(scope="module", params=["h11", "httptools"])
+def strict(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """Both of uvicorn's HTTP implementations: httptools where installed (uvicorn[standard]),
+    h11 otherwise (a plain ``pip install uvicorn``)."""
+    if request.param == "h11":
+        base: type = H11Protocol
+    else:
+        base = pytest.importorskip("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(connection, "_BASE", base)
+        srv = LiveServer(
+            tiny_settings(header_timeout_s=HEADERS_S, body_timeout_s=BODY_S, keep_alive_timeout_s=IDLE_S)
+        ).start()
+    assert issubclass(srv._server.config.http, base)  # type: ignore[arg-type]
     yield srv
     srv.stop()
 
