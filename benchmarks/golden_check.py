@@ -8,6 +8,7 @@ caption logits against the golden float32 logits.
     .venv/bin/python benchmarks/golden_check.py
     .venv/bin/python benchmarks/golden_check.py --dtype bfloat16
     .venv/bin/python benchmarks/golden_check.py --cpu-weights float32
+    .venv/bin/python benchmarks/golden_check.py --dtype auto --quantize int8
     python3 benchmarks/golden_check.py --device cuda --dtype bfloat16
 """
 
@@ -35,11 +36,12 @@ SETS = [
 ]
 
 
-def run(folder: str, sub: str, resampler: str, dtype: str, cpu_weights: str | None, device: str) -> bool:
-    kwargs: dict[str, Any] = {"device": device, "dtype": dtype, "resampler": resampler}
-    if cpu_weights:
-        kwargs["cpu_weights"] = cpu_weights
-    m = load(str(ROOT / folder), **kwargs)
+def run(folder: str, sub: str, resampler: str, args: argparse.Namespace) -> bool:
+    kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "resampler": resampler}
+    if args.cpu_weights:
+        kwargs["cpu_weights"] = args.cpu_weights
+    m = load(str(ROOT / folder), quantize=args.quantize, **kwargs)
+    print(f"{folder}: {m.precision}")
     base = ROOT / folder / sub
     expected = json.loads((base / "expected.json").read_text())
     golden = load_file(str(base / "expected.safetensors"))
@@ -90,10 +92,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cpu-weights", default=None, help="auto (default), float32 or float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quantize", default="none", help="none or int8")
     p.add_argument("--no-vips", action="store_true", help="skip the libvips set (no pyvips installed)")
     args = p.parse_args()
     sets = [s for s in SETS if not (args.no_vips and s[2] == "vips")]
-    ok = [run(folder, sub, res, args.dtype, args.cpu_weights, args.device) for folder, sub, res in sets]
+    ok = [run(folder, sub, res, args) for folder, sub, res in sets]
     raise SystemExit(0 if all(ok) else 1)
 
 

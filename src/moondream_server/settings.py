@@ -117,6 +117,11 @@ class Settings(BaseSettings):
         default="auto",
         description="float32 on CPU: hold linear weights as float16 where lossless (auto), never, or always.",
     )
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description="CPU: hold linear weights as int8 with per-channel scales (smaller, faster decoding, "
+        "small drift), or as the checkpoint's precision (none).",
+    )
     threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (None = torch default)."
     )

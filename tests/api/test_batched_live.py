@@ -26,6 +26,8 @@ def batched_server() -> Iterator[LiveServer]:
 def test_health_names_the_engine(batched_server: LiveServer) -> None:
     body = httpx.get(batched_server.base_url + "/health", trust_env=False).json()
     assert body["engine"] == "batched" and body["ready"] is True
+    # what the loader chose for float32 on a CPU: float16 weight storage through fbgemm
+    assert body["dtype"] == "float32" and "fbgemm fp16" in body["precision"]
 
 
 def test_concurrent_requests_match_the_model(batched_server: LiveServer, tiny_model: Moondream) -> None:

@@ -31,6 +31,7 @@ def test_defaults() -> None:
     assert s.max_image_pixels == 50_000_000
     assert (s.max_queue, s.request_timeout_s, s.max_batch_size, s.image_cache_mb) == (64, 300.0, 8, 2048)
     assert s.threads is None and s.kv_pool == "auto" and s.cuda_graphs == "auto"
+    assert s.quantize == "none"
     assert s.resolved_api_keys() == frozenset()
 
 
@@ -69,6 +70,11 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli.parse_settings(["--cuda-graphs", "off"]).cuda_graphs == "off"
     with pytest.raises(SystemExit):
         cli.parse_settings(["--kv-pool", "sometimes"])
+    assert cli.parse_settings(["--quantize", "int8"]).quantize == "int8"
+    monkeypatch.setenv("MOONDREAM_QUANTIZE", "int8")
+    assert cli.parse_settings([]).quantize == "int8"
+    with pytest.raises(SystemExit):
+        cli.parse_settings(["--quantize", "int4"])
 
 
 def test_main_runs_uvicorn_with_the_app(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,18 +15,30 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from moondream_server.model import Moondream, load
+from moondream_server.model import Moondream, load, loading
 from moondream_server.model.text import SeqSlice
 from tests.model.support import TINY, TINY_MH, golden
 
+# Both one-row (decode) kernels the loader can keep for bf16: PyTorch's own and oneDNN's.
+CASES = [(TINY, "native"), (TINY, "onednn"), (TINY_MH, "native"), (TINY_MH, "onednn")]
 
-@pytest.fixture(scope="module", params=[TINY, TINY_MH], ids=["tiny", "tiny-mh"])
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f.name}-{k}" for f, k in CASES])
 def case(
     request: pytest.FixtureRequest,
 ) -> tuple[Moondream, dict[str, object], dict[str, torch.Tensor], object]:
-    folder = request.param
-    model = load(folder, device="cpu", dtype="bfloat16", resampler="pil")
+    folder, kernel = request.param
+    timings = (2.0, 1.0) if kernel == "native" else (1.0, 2.0)  # (oneDNN, own kernel) seconds
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loading, "time_one_row", lambda weights: timings)
+        model = load(folder, device="cpu", dtype="bfloat16", resampler="pil")
+    assert model.precision is not None and ("matrix-vector" in model.precision.decode) == (kernel == "native")
     return model, golden(folder), load_file(str(folder / "expected.safetensors")), folder
+
+
+@pytest.fixture(scope="module")
+def fp32_models() -> dict[object, Moondream]:
+    return {f: load(f, device="cpu", dtype="float32", resampler="pil") for f in (TINY, TINY_MH)}
 
 
 def test_bf16_stays_close_to_fp32_reference(case: tuple[Moondream, dict, dict, object]) -> None:  # type: ignore[type-arg]
@@ -40,6 +52,30 @@ def test_bf16_stays_close_to_fp32_reference(case: tuple[Moondream, dict, dict, o
         cache, prefix = model.start_cache(model.encode_image(img))
         out = model.step(model.net.text.embed(ids), SeqSlice(cache, len(ids), prefix=prefix))
         assert (out.logits - tensors[f"{name}_caption_normal_logits0"]).abs().max().item() < 0.35
+
+
+def test_bf16_decode_steps_stay_close_to_fp32(
+    case: tuple[Moondream, dict, dict, object],  # type: ignore[type-arg]
+    fp32_models: dict[object, Moondream],
+) -> None:
+    """One-token steps (the kernel the loader picked) drift no more than the first step's bound.
+
+    Both models are fed the float32 model's greedy tokens, so the inputs stay the same.
+    """
+    model, expected, _, folder = case
+    exact = fp32_models[folder]
+    image = Image.open(folder / next(iter(expected["images"].values()))["file"])  # type: ignore[operator]
+    ids = model.config.tokenizer.templates["caption"]["normal"]
+    runs = []
+    for m in (model, exact):
+        cache, prefix = m.start_cache(m.encode_image(image))
+        runs.append(
+            (m, cache, prefix, m.step(m.net.text.embed(ids), SeqSlice(cache, len(ids), prefix=prefix)))
+        )
+    for _ in range(4):
+        token = int(runs[1][3].logits.argmax())
+        runs = [(m, c, p, m.step(m.net.text.embed([token]), SeqSlice(c, 1, prefix=p))) for m, c, p, _ in runs]
+        assert (runs[0][3].logits - runs[1][3].logits).abs().max().item() < 0.35
 
 
 def test_bf16_outputs_are_valid(case: tuple[Moondream, dict, dict, object]) -> None:  # type: ignore[type-arg]

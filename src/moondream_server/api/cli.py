@@ -83,6 +83,11 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             "help": "float32 on CPU: float16 weight storage (default auto)",
         },
     ),
+    (
+        "--quantize",
+        "quantize",
+        {"choices": ["none", "int8"], "help": "CPU: int8 weights with per-channel scales (default none)"},
+    ),
     ("--threads", "threads", {"type": int, "help": "torch CPU threads (default: torch's choice)"}),
     ("--log-level", "log_level", {"help": "critical | error | warning | info | debug"}),
 ]

@@ -21,6 +21,9 @@ class HealthResponse(BaseModel):
     revision: str | None
     device: str
     dtype: str
+    precision: str | None = Field(
+        None, description="What was chosen for this machine: number formats and the decode kernel."
+    )
     engine: str
     queue_depth: int | None = Field(None, description="Requests waiting for the model.")
     requests: dict[str, int] | None = Field(
@@ -79,6 +82,7 @@ def _health(request: Request) -> HealthResponse:
         revision=info.revision,
         device=info.device,
         dtype=info.dtype,
+        precision=info.precision,
         engine=request.app.state.settings.engine,
         queue_depth=engine.queue_depth,
         requests=dict(engine.stats),

@@ -152,8 +152,11 @@ class BatchedEngine(Generic[S, E, P]):
                 revision=model.revision,
                 device=model.device_name,
                 dtype=model.dtype_name,
+                precision=model.precision_name,
             )
             log.info("model %s loaded in %.2f s", self._info.model_id, time.perf_counter() - t0)
+            if self._info.precision:
+                log.info("precision: %s", self._info.precision)
             gpu = model.on_gpu
             # Per-step limits bound how long running decodes wait for new work. On a CPU a crop
             # or a prefill position costs ~100x more than on a GPU, and batching them gains

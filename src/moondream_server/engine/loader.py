@@ -26,6 +26,7 @@ def model_loader(settings: Settings) -> Moondream:
         device=settings.device,
         dtype=settings.dtype,
         cpu_weights=settings.cpu_weights,
+        quantize=settings.quantize,
     )
 
 

@@ -123,3 +123,4 @@ class EngineInfo:
     revision: str | None
     device: str
     dtype: str
+    precision: str | None = None  # what the loader chose per phase (number formats, decode kernel)

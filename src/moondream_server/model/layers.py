@@ -69,3 +69,56 @@ def pack_fp16(
     if exact_only and not (fp16_lossless(weight) and (bias is None or fp16_lossless(bias))):
         return None
     return Fp16Linear(weight, bias)
+
+
+class Int8Linear(nn.Module):
+    """Inference-only stand-in for ``nn.Linear``: int8 weights, one scale per output channel.
+
+    Symmetric per-channel quantization (scale = max |w| / 127 of each row): half the bytes of a
+    16-bit weight. Up to ``DIRECT_ROWS`` rows (decode steps, batched decode, short prompts) go
+    through PyTorch's int8-weight kernel (``_weight_int8pack_mm``: bf16 activations, the int8
+    weights widened in registers); longer inputs (image prefill, the vision encoder) are
+    compute-bound, where that kernel is ~4x slower than oneDNN's bf16 GEMM, so the layer's
+    weights are widened to the compute dtype for that one call and multiplied there.
+    """
+
+    DIRECT_ROWS = 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        w = weight.detach().to(torch.float32, copy=True)  # quantized in place below
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q = w.mul_(scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("qweight", q.contiguous(), persistent=False)
+        # the int8 kernel wants its scales in the activations' dtype (bf16 there)
+        self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
+        self.register_buffer("wide_scale", scale.to(compute_dtype), persistent=False)
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().to(compute_dtype), persistent=False
+        )
+        self.qweight: torch.Tensor
+        self.scale: torch.Tensor
+        self.wide_scale: torch.Tensor
+        self.bias: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y: torch.Tensor
+        if flat.shape[0] <= self.DIRECT_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scale)
+            y = y.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+        else:
+            w = self.qweight.to(self.compute_dtype).mul_(self.wide_scale[:, None])
+            y = F.linear(flat.to(self.compute_dtype), w, self.bias).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=int8"
+
+
+def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None, *, compute_dtype: torch.dtype) -> Int8Linear:
+    return Int8Linear(weight, bias, compute_dtype)

@@ -13,10 +13,12 @@ from tokenizers import Tokenizer
 
 from moondream_server.model.config import MoondreamConfig
 from moondream_server.model.hub import DEFAULT_MODEL, ModelLoadError, resolve
-from moondream_server.model.layers import pack_fp16
+from moondream_server.model.layers import pack_fp16, pack_int8
 from moondream_server.model.moondream import Moondream
+from moondream_server.model.net import MoondreamNet
+from moondream_server.model.precision import Precision, cpu_has_native_bf16, time_one_row, use_native_gemv
 from moondream_server.model.tiling import Resampler
-from moondream_server.model.weights import build_and_load
+from moondream_server.model.weights import LinearPacker, build_and_load
 
 _DTYPES = {
     "float32": torch.float32,
@@ -29,20 +31,11 @@ _DTYPES = {
 
 
 CPU_WEIGHTS = ("auto", "float32", "float16")
+QUANTIZE = ("none", "int8")
 
 
 def _has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def release_free_heap() -> None:
@@ -83,6 +76,7 @@ def load(
     tokenizer: str | None = None,
     resampler: Resampler | None = None,
     cpu_weights: str = "auto",
+    quantize: str = "none",
 ) -> Moondream:
     """Load Moondream2 from a local folder or a Hub repo (default: vikhyatk/moondream2 @ 2025-06-21).
 
@@ -96,6 +90,11 @@ def load(
     halves the bytes every decode step reads and avoids MKL's slow path for few-row GEMMs, with
     float32 arithmetic throughout (the weights are then no longer ``nn.Parameter``s); ``"float16"``
     rounds every weight to float16 (lossy for float32 checkpoints).
+
+    On a CPU with native bf16 (dtype auto -> bf16), one-row products (decode steps) run on
+    whichever of oneDNN and PyTorch's own matrix-vector kernel a short measurement at load
+    finds faster (``precision.py``). ``quantize="int8"`` (CPU only) holds every linear weight as
+    int8 with per-channel scales instead. ``Moondream.precision`` says what was chosen.
     """
     files = resolve(source, revision, tokenizer)
     config = MoondreamConfig.from_json(files.config) if files.config else MoondreamConfig()
@@ -103,16 +102,51 @@ def load(
     dt = resolve_dtype(dtype, dev)
     if cpu_weights not in CPU_WEIGHTS:
         raise ValueError(f"unknown cpu_weights {cpu_weights!r}; use one of {', '.join(CPU_WEIGHTS)}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
+    if quantize == "int8" and dev.type != "cpu":
+        raise ValueError("quantize=int8 is implemented for the CPU only")
     pack = dev.type == "cpu" and dt == torch.float32 and cpu_weights != "float32" and _has_fbgemm()
     # Each linear layer is packed as it is read, so the unpacked weights never pile up.
-    packer = functools.partial(pack_fp16, exact_only=cpu_weights == "auto") if pack else None
+    packer: LinearPacker | None = None
+    if quantize == "int8":
+        packer = functools.partial(pack_int8, compute_dtype=dt)
+    elif pack:
+        packer = functools.partial(pack_fp16, exact_only=cpu_weights == "auto")
     net = build_and_load(
         files.weights, config, dev, dt, pack_linear=packer, pack_threads=torch.get_num_threads()
     )
+    precision = _choose_kernels(net, dev, dt, quantize, pack)
     if dev.type == "cpu":
         release_free_heap()
     try:
         tok = Tokenizer.from_file(str(Path(files.tokenizer)))
     except Exception as e:  # the tokenizers library raises a bare Exception subclass
         raise ModelLoadError(f"cannot read tokenizer {files.tokenizer}: {e}") from e
-    return Moondream(net, tok, config, model_id=files.model_id, revision=files.revision, resampler=resampler)
+    model = Moondream(net, tok, config, model_id=files.model_id, revision=files.revision, resampler=resampler)
+    model.precision = precision
+    return model
+
+
+def _choose_kernels(
+    net: MoondreamNet, device: torch.device, dtype: torch.dtype, quantize: str, fp16_packed: bool
+) -> Precision:
+    """Settle the one-row (decode) kernel, measuring where the CPU's features do not decide it."""
+    name = str(dtype).removeprefix("torch.")
+    if device.type != "cpu":
+        return Precision(name, name, "cuBLAS", "GPU")
+    if quantize == "int8":
+        return Precision(name, "int8 per channel", "_weight_int8pack_mm", "quantize=int8")
+    if fp16_packed:
+        return Precision(name, "float16 where lossless", "fbgemm fp16", "float32 compute, fp16 weights")
+    if dtype != torch.bfloat16:
+        return Precision(name, name, "MKL/oneDNN", f"dtype {name}")
+    # Every weight a decode step reads in one layer of the text model: larger than the cache.
+    block = net.text.blocks[0]
+    weights = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    onednn_s, native_s = time_one_row(weights)
+    why = f"one row: oneDNN {onednn_s * 1e3:.1f} ms, own kernel {native_s * 1e3:.1f} ms per text layer"
+    if native_s < onednn_s:
+        use_native_gemv([net.text, net.region])
+        return Precision(name, name, "PyTorch's bf16 matrix-vector kernel", why)
+    return Precision(name, name, "oneDNN", why)

@@ -24,6 +24,7 @@ from moondream_server.model.moondream_runtime import EncodedImage, MoondreamRunt
 from moondream_server.model.net import MoondreamNet
 from moondream_server.model.params import CaptionLength, TextSettings
 from moondream_server.model.params import spatial_refs as parse_spatial_refs
+from moondream_server.model.precision import Precision
 from moondream_server.model.seam import OnText
 from moondream_server.model.tasks import CaptionTask, QueryTask, RegionSkill, RegionTask, Task
 from moondream_server.model.text import SeqSlice
@@ -46,6 +47,8 @@ class Moondream:
         # Inference only: no autograd graphs, even for ops outside inference_mode.
         self.net = net.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        # What load() chose for this machine (number formats, decode kernel), for /health.
+        self.precision: Precision | None = None
         self.config = config
         self.model_id = model_id
         self.revision = revision
@@ -83,6 +86,10 @@ class Moondream:
     @property
     def on_gpu(self) -> bool:
         return self.device.type != "cpu"
+
+    @property
+    def precision_name(self) -> str | None:
+        return None if self.precision is None else str(self.precision)
 
     def runtime(
         self, *, max_vision_crops: int, kv_pool_slots: int, decode_graphs: bool | None = None

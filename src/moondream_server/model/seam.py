@@ -149,6 +149,11 @@ class LoadedModel(Protocol[S, E, P]):
     @property
     def on_gpu(self) -> bool: ...
 
+    @property
+    def precision_name(self) -> str | None:
+        """What the loader chose for this machine (number formats, decode kernel), if anything."""
+        ...
+
     def runtime(
         self, *, max_vision_crops: int, kv_pool_slots: int, decode_graphs: bool | None = None
     ) -> ModelRuntime[S, E, P]:
