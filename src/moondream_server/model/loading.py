@@ -16,7 +16,13 @@ from moondream_server.model.hub import DEFAULT_MODEL, ModelLoadError, resolve
 from moondream_server.model.layers import pack_fp16, pack_int8
 from moondream_server.model.moondream import Moondream
 from moondream_server.model.net import MoondreamNet
-from moondream_server.model.precision import Precision, cpu_has_native_bf16, time_one_row, use_native_gemv
+from moondream_server.model.precision import (
+    ONEDNN_MARGIN,
+    Precision,
+    cpu_has_native_bf16,
+    time_one_row,
+    use_native_gemv,
+)
 from moondream_server.model.tiling import Resampler
 from moondream_server.model.weights import LinearPacker, build_and_load
 
@@ -146,7 +152,7 @@ def _choose_kernels(
     weights = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
     onednn_s, native_s = time_one_row(weights)
     why = f"one row: oneDNN {onednn_s * 1e3:.1f} ms, own kernel {native_s * 1e3:.1f} ms per text layer"
-    if native_s < onednn_s:
+    if native_s <= onednn_s * ONEDNN_MARGIN:
         use_native_gemv([net.text, net.region])
         return Precision(name, name, "PyTorch's bf16 matrix-vector kernel", why)
     return Precision(name, name, "oneDNN", why)
