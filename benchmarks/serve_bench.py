@@ -12,8 +12,10 @@ disabled, so every answer has exactly --tokens tokens) and measures through HTTP
 * the server's peak RSS.
 
 The servers inherit the environment, so ``MOONDREAM_CPU_WEIGHTS=auto`` benchmarks the float16
-weight storage (the bandwidth bound is computed for it). Decode figures come from the responses'
-``metrics`` (decode time = the call after its first generated token).
+weight storage and ``MOONDREAM_QUANTIZE=int8`` the int8 weights (the bandwidth bound is computed
+for them); ``--dtype auto`` is the server's default (bf16 on CPUs with native bf16). Decode
+figures come from the responses' ``metrics`` (decode time = the call after its first generated
+token).
 
     .venv/bin/python benchmarks/serve_bench.py                         # 640x480, 32 tokens
     .venv/bin/python benchmarks/serve_bench.py --size 378x378 --tokens 16 --clients 1,4,8
@@ -103,9 +105,15 @@ def text_weight_bytes(model: Path, dtype: str, cpu_weights: str, device: str) ->
     """
     from safetensors import safe_open
 
+    if dtype == "auto":  # what the server's load() resolves it to
+        from moondream_server.model.precision import cpu_has_native_bf16
+
+        dtype = "bfloat16" if device != "cpu" or cpu_has_native_bf16() else "float32"
     per = 2 if dtype in ("bfloat16", "float16") else 4
     fp16_storage = device == "cpu" and cpu_weights in ("auto", "float16") and dtype == "float32"
     linear_per = 2 if fp16_storage else per
+    if device == "cpu" and os.environ.get("MOONDREAM_QUANTIZE") == "int8":
+        linear_per = 1
     total = 0
     with safe_open(str(model / "model.safetensors"), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118
