@@ -1,10 +1,11 @@
 """Same-run A/B of two source trees at the engine level: one fresh-image caption and the query
 about an image already seen, on the full-size random checkpoint.
 
-    .venv/bin/python benchmarks/engine_ab.py --a /path/to/old/tree --b . [--rounds 2]
+    .venv/bin/python benchmarks/engine_ab.py --tree /path/to/old/tree --tree . [--rounds 2]
 
 Each tree runs in its own process (PYTHONPATH=<tree>/src), one process at a time (a full-size
-model each), in the order A B B A A B ... so that the machine's drift lands on both. A worker
+model each), in a palindromic order (A B B A, or A B C C B A for three trees) so that the
+machine's drift lands on all of them alike. A worker
 starts the tree's default engine through ``engine.loader.create_engine`` (the public path the
 server takes), then times ``--fresh`` captions of new small images and ``--seen`` questions
 about the last of them (an image-cache hit). Printed: per-run medians and the B/A ratios.
@@ -88,8 +89,7 @@ def cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--a", type=Path, help="the baseline tree (its src/ is imported)")
-    p.add_argument("--b", type=Path, help="the tree compared with it")
+    p.add_argument("--tree", type=Path, action="append", default=[], help="a source tree; first = baseline")
     p.add_argument("--model", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--rounds", type=int, default=2, help="A B B A per round")
     p.add_argument("--size", type=int, default=378, help="side of the square test images")
@@ -103,18 +103,19 @@ def main() -> None:
         worker(args)
         return
     args.model = ensure_checkpoint(args.model)
-    runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
-    order = ["A", "B", "B", "A"] * args.rounds
+    labels = [chr(ord("A") + i) for i in range(len(args.tree))]
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    order = (labels + labels[::-1]) * args.rounds
     for label in order:
-        tree = args.a if label == "A" else args.b
-        result = run_tree(tree.resolve(), args)
+        result = run_tree(args.tree[labels.index(label)].resolve(), args)
         runs[label].append(result)
         print(label, json.dumps(result), flush=True)
     summary: dict[str, Any] = {"cpu": cpu_name(), "order": "".join(order)}
     for key in ("fresh_s", "seen_s"):
-        a = statistics.median(v for r in runs["A"] for v in r[key])
-        b = statistics.median(v for r in runs["B"] for v in r[key])
-        summary[key] = {"A": round(a, 3), "B": round(b, 3), "B/A": round(b / a, 3)}
+        medians = {label: statistics.median(v for r in runs[label] for v in r[key]) for label in labels}
+        summary[key] = {label: round(m, 3) for label, m in medians.items()}
+        for label in labels[1:]:
+            summary[key][f"{label}/A"] = round(medians[label] / medians["A"], 3)
     print(json.dumps(summary), flush=True)
 
 
