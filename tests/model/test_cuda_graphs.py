@@ -43,10 +43,11 @@ def _prefilled(model: Moondream, lengths: list[int], pool: object, seed: int) ->
     return caches
 
 
+@pytest.mark.parametrize("spare", [0, 12], ids=["few-slots", "many-slots"])  # whole pool / gathered
 @pytest.mark.parametrize("lengths", [[5], [7, 140, 3], [130, 9, 33, 60, 4]], ids=["one", "three", "five"])
-def test_static_step_equals_the_regular_forward(model: Moondream, lengths: list[int]) -> None:
+def test_static_step_equals_the_regular_forward(model: Moondream, lengths: list[int], spare: int) -> None:
     text = model.net.text
-    graphs = DecodeGraphs(text, text.new_pool(len(lengths) + 1), max_batch=8)
+    graphs = DecodeGraphs(text, text.new_pool(len(lengths) + 1 + spare), max_batch=8)
     pooled = _prefilled(model, lengths, graphs.pool, seed=1)
     private = _prefilled(model, lengths, None, seed=1)
     assert all(c.pool is graphs.pool for c in pooled) and all(c.pool is None for c in private)
@@ -142,3 +143,25 @@ def test_moondream_with_decode_graphs_answers_as_without(model: Moondream) -> No
     finally:
         model.decode_graphs = None
     assert got == want
+
+
+@pytest.mark.skipif(not TEST_DEVICE.startswith("cuda"), reason="varlen flash attention needs a GPU")
+@pytest.mark.parametrize("path", [TINY, TINY_MH], ids=["tiny", "tiny-mh"])
+def test_flash_path_in_bf16_agrees_with_the_regular_forward(path: object) -> None:
+    """The GPU's half-precision path (varlen flash attention over the pool in place)."""
+    m = load(path, device=TEST_DEVICE, dtype=torch.bfloat16)  # type: ignore[arg-type]
+    text = m.net.text
+    lengths = [130, 9, 33, 60, 4]
+    graphs = DecodeGraphs(text, text.new_pool(len(lengths) + 5), max_batch=8)
+    assert graphs.flash  # else this GPU runs the masked path (the warning says why)
+    pooled = _prefilled(m, lengths, graphs.pool, seed=5)
+    private = _prefilled(m, lengths, None, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        for _ in range(3):
+            x = torch.randn(len(lengths), text.config.dim, generator=gen).to(text.wte)
+            hidden, _ = graphs.step(x, pooled)
+            want = torch.cat([text(x[i : i + 1], [SeqSlice(c, 1, prefix=3)]) for i, c in enumerate(private)])
+            err = (hidden.float() - want.float()).norm() / want.float().norm()
+            assert err < 2e-2, float(err)
+    assert graphs.replays == 3

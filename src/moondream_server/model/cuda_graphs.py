@@ -18,7 +18,8 @@ CPU tests check it against the regular forward pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ from torch.nn import functional as F
 from torch.nn.attention import sdpa_kernel
 
 from moondream_server.model.kv_cache import KVCache, KVPool
-from moondream_server.model.text import _GPU_ATTENTION, TextBlock, TextModel, _rotate
+from moondream_server.model.text import _GPU_ATTENTION, ROTARY_DIM, TextBlock, TextModel
+
+log = logging.getLogger(__name__)
 
 SPAN_STEP = 128  # keys are read in multiples of this (also keeps the fused kernels' alignment)
 
@@ -44,7 +47,15 @@ def batch_buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """One-token decode steps of sequences cached in ``pool``, optionally as CUDA graphs."""
 
-    def __init__(self, text: TextModel, pool: KVPool, *, max_batch: int, capture: bool | None = None) -> None:
+    def __init__(
+        self,
+        text: TextModel,
+        pool: KVPool,
+        *,
+        max_batch: int,
+        capture: bool | None = None,
+        flash: bool | None = None,
+    ) -> None:
         """Takes one slot of ``pool`` as the padding rows' scratch slot (raises if none is free)."""
         scratch = pool.acquire()
         if scratch is None:
@@ -65,6 +76,8 @@ class DecodeGraphs:
         self._hidden = torch.zeros(n, dim, dtype=dtype, device=dev)
         self._logits = torch.zeros(n, vocab, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], Any] = {}
+        # Varlen flash attention over the pool in place (GPU, half precision), else masked SDPA.
+        self.flash = flash_decode_works(dev, dtype) if flash is None else flash
         self._mempool: Any = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0  # counters, read by tests and logs
         self.eager_steps = 0
@@ -87,6 +100,9 @@ class DecodeGraphs:
         )
 
     def span_for(self, positions: Iterable[int]) -> int:
+        """Keys read per row, rounded up (the flash path reads each row's own count: one span)."""
+        if self.flash:
+            return self.pool.max_context
         need = max(positions) + 1
         return min(self.pool.max_context, -(-need // SPAN_STEP) * SPAN_STEP)
 
@@ -128,9 +144,10 @@ class DecodeGraphs:
         """Capture the graphs of these batch buckets and spans ahead of traffic (GPU only)."""
         if not self.capture:
             return
-        for b in batches or self.buckets:
+        # Largest first: later, smaller captures reuse the shared memory pool's blocks.
+        for b in sorted(batches or self.buckets, reverse=True):
             for span in spans:
-                key = (self.bucket_for(b), min(self.pool.max_context, -(-span // SPAN_STEP) * SPAN_STEP))
+                key = (self.bucket_for(b), self.span_for([span - 1]))
                 if key not in self._graphs:
                     self._capture(*key)
 
@@ -140,32 +157,93 @@ class DecodeGraphs:
         text = self.text
         x = self._x[:b]
         slots, pos = self._index[0, :b], self._index[1, :b]
-        cos, sin = text.rope_cos[pos], text.rope_sin[pos]
-        cols = torch.arange(span, device=x.device)
-        mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [b, 1, 1, span]
+        # cos | cos and sin | sin over the 32 rotated channels of every head: [b, 1, 32] float32
+        cos = torch.cat([text.rope_cos[pos]] * 2, dim=-1)[:, None, :]
+        sin = torch.cat([text.rope_sin[pos]] * 2, dim=-1)[:, None, :]
+        attend = self._attention(b, span, slots, pos)
         with sdpa_kernel(_GPU_ATTENTION) if x.is_cuda else contextlib.nullcontext():
             for layer, block in enumerate(text.blocks):
                 assert isinstance(block, TextBlock)
                 h = block.ln(x)
                 attn = block.attn
                 hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
-                q, k, v = attn.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-                q = _rotate(q.view(b, nh, hd), cos, sin)
-                k = _rotate(k.view(b, nkv, hd), cos, sin)
-                keys, values = self.pool.k[layer], self.pool.v[layer]  # [slots, heads, context, hd]
-                keys[slots, :, pos] = k
-                values[slots, :, pos] = v.view(b, nkv, hd)
-                # Only the members' slots are read (a copy of b x span positions), not the pool's.
-                o = F.scaled_dot_product_attention(
-                    q[:, :, None, :],
-                    keys[:, :, :span].index_select(0, slots),
-                    values[:, :, :span].index_select(0, slots),
-                    attn_mask=mask,
-                    enable_gqa=nh != nkv,
-                )
+                qkv = attn.qkv(h)
+                qk = qkv[:, : (nh + nkv) * hd].view(b, nh + nkv, hd)
+                _rotate_in_place(qk, cos, sin)  # queries and keys together
+                v = qkv[:, (nh + nkv) * hd :].view(b, nkv, hd)
+                o = attend(layer, qk[:, :nh], qk[:, nh:], v)  # [b, nh, hd]
                 x = x + attn.proj(o.reshape(b, nh * hd)) + block.mlp(h)
         self._hidden[:b].copy_(x)
         self._logits[:b].copy_(text.logits(x).float())
+
+    def _attention(
+        self, b: int, span: int, slots: torch.Tensor, pos: torch.Tensor
+    ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """attend(layer, q [b, nh, hd], k [b, nkv, hd], v) -> [b, nh, hd]: writes k, v at
+        (slot, position) of each row, then attends over that slot's positions up to it."""
+        pool = self.pool
+        if self.flash:
+            # Varlen flash attention reads each row's keys in place: its slot's first row in the
+            # packed layer, as many rows as its position + 1. Nothing is gathered or masked.
+            ctx = pool.max_context
+            cu_q = torch.arange(b + 1, dtype=torch.int32, device=slots.device)
+            cu_k = F.pad((slots * ctx).to(torch.int32), (0, 1), value=pool.n_slots * ctx)
+            used = (pos + 1).to(torch.int32)
+
+            def flash(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                keys, values = pool.k_packed[layer], pool.v_packed[layer]  # [slots, ctx, heads, hd]
+                keys[slots, pos] = k
+                values[slots, pos] = v
+                heads, hd = keys.shape[-2:]
+                out = torch.ops.aten._flash_attention_forward(
+                    q,
+                    keys.view(-1, heads, hd),
+                    values.view(-1, heads, hd),
+                    cu_q,
+                    cu_k,
+                    1,
+                    ctx,
+                    0.0,
+                    False,
+                    False,
+                    seqused_k=used,
+                )[0]
+                return out  # type: ignore[no-any-return]
+
+            return flash
+        cols = torch.arange(span, device=slots.device)
+        whole = 2 * b >= pool.n_slots
+        if whole:
+            # Most slots take part: attend over every slot in place (rows of idle slots are
+            # computed and dropped) rather than copying the members' keys out.
+            lengths = torch.ones(pool.n_slots, dtype=torch.long, device=slots.device)
+            lengths[slots] = pos + 1
+            mask = (cols[None, :] < lengths[:, None])[:, None, None, :]  # [slots, 1, 1, span]
+        else:
+            mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [b, 1, 1, span]
+
+        def masked(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = pool.k[layer], pool.v[layer]  # [slots, heads, context, hd] views
+            keys[slots, :, pos] = k
+            values[slots, :, pos] = v
+            nh, nkv = q.shape[1], k.shape[1]
+            if whole:
+                qs = q.new_zeros(pool.n_slots, nh, 1, q.shape[-1])
+                qs[slots, :, 0] = q
+                o = F.scaled_dot_product_attention(
+                    qs, keys[:, :, :span], values[:, :, :span], attn_mask=mask, enable_gqa=nh != nkv
+                )
+                return o[slots, :, 0]
+            o = F.scaled_dot_product_attention(
+                q[:, :, None, :],
+                keys[:, :, :span].index_select(0, slots),  # a copy of b x span positions
+                values[:, :, :span].index_select(0, slots),
+                attn_mask=mask,
+                enable_gqa=nh != nkv,
+            )
+            return o[:, :, 0]
+
+        return masked
 
     def _capture(self, b: int, span: int) -> None:
         # Capturing runs nothing, but the warm-up run before it does: point every row at the
@@ -182,3 +260,58 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             self._run(b, span)
         self._graphs[(b, span)] = graph
+
+
+def _rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """``text._rotate`` in fewer kernels, in place: x [b, heads, hd]; cos, sin [b, 1, 32] (each
+    table twice). Channel i pairs with i + 16: (a, b) -> (a*c - b*s, b*c + a*s), in float32 and
+    cast back once, the same products and sums as the reference's."""
+    half = ROTARY_DIM // 2
+    a = x[..., :ROTARY_DIM].float()
+    swapped = torch.cat([-a[..., half:], a[..., :half]], dim=-1)
+    x[..., :ROTARY_DIM] = a * cos + swapped * sin
+
+
+def flash_decode_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether varlen flash attention with per-sequence key counts runs here and agrees with SDPA.
+
+    A small check at start-up rather than a version test: the private op's signature and
+    constraints differ between PyTorch releases; on any failure the masked path is used.
+    """
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        slots, ctx, heads, hd = 3, 256, 4, 64
+        keys = torch.randn(slots, ctx, heads, hd, generator=gen, device=device, dtype=dtype)
+        values = torch.randn(slots, ctx, heads, hd, generator=gen, device=device, dtype=dtype)
+        q = torch.randn(2, heads, hd, generator=gen, device=device, dtype=dtype)
+        rows, used = [2, 0], [100, 7]  # slot and key count of each query
+        cu_q = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([rows[0] * ctx, rows[1] * ctx, slots * ctx], dtype=torch.int32, device=device)
+        out = torch.ops.aten._flash_attention_forward(
+            q,
+            keys.view(-1, heads, hd),
+            values.view(-1, heads, hd),
+            cu_q,
+            cu_k,
+            1,
+            ctx,
+            0.0,
+            False,
+            False,
+            seqused_k=torch.tensor(used, dtype=torch.int32, device=device),
+        )[0]
+        for i, (slot, n) in enumerate(zip(rows, used, strict=True)):
+            want = F.scaled_dot_product_attention(
+                q[i, :, None].float(),
+                keys[slot, :n].transpose(0, 1).float(),
+                values[slot, :n].transpose(0, 1).float(),
+            )[:, 0]
+            if not torch.allclose(out[i].float(), want, atol=2e-2, rtol=2e-2):
+                log.warning("varlen flash attention disagrees with SDPA here; decode graphs use masked SDPA")
+                return False
+        return True
+    except (RuntimeError, TypeError) as exc:
+        log.warning("varlen flash attention unavailable (%s); decode graphs use masked SDPA", exc)
+        return False

@@ -18,9 +18,12 @@ _GROWTH_STEP = 256
 
 
 class KVPool:
-    """``n_slots`` full-context caches in one buffer laid out [layers, slots, heads, context, head_dim].
+    """``n_slots`` full-context caches in one buffer, seen as [layers, slots, heads, context, head_dim].
 
-    ``k[layer]`` is every slot's keys of one layer as one strided tensor (no copy).
+    ``k[layer]`` is every slot's keys of one layer as one strided tensor (no copy). The memory
+    is laid out [layers, slots, context, heads, head_dim] (``k_packed``): one layer's keys are
+    then rows of ``heads x head_dim`` in slot-major order, which a varlen attention kernel can
+    read in place, each sequence from its slot's first row (``cuda_graphs.py``).
     """
 
     def __init__(
@@ -36,10 +39,12 @@ class KVPool:
     ) -> None:
         if n_slots < 1:
             raise ValueError("a KV pool needs at least one slot")
-        shape = (n_layers, n_slots, n_kv_heads, max_context, head_dim)
+        shape = (n_layers, n_slots, max_context, n_kv_heads, head_dim)
         self.max_context = max_context
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_packed = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_packed = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = self.k_packed.transpose(2, 3)  # [layers, slots, heads, context, head_dim] views
+        self.v = self.v_packed.transpose(2, 3)
         self._free = list(range(n_slots - 1, -1, -1))
 
     @property

@@ -53,9 +53,11 @@ class VisionModel(nn.Module):
 
     def normalize(self, crops: NDArray[np.uint8]) -> torch.Tensor:
         """uint8 [N, S, S, 3] -> [N, 3, S, S] in the model dtype, scaled to [-1, 1] in that dtype."""
-        x = torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))
-        x = x.to(device=self.pos_emb.device, dtype=self.pos_emb.dtype)
-        return x.div_(255.0).sub_(0.5).div_(0.5)
+        # The uint8 pixels travel as they are (a quarter of the float bytes); the channel move is
+        # a view here and a copy on the device (``encode`` reshapes), not a host-side transpose.
+        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.pos_emb.device)
+        x = x.to(self.pos_emb.dtype).div_(255.0).sub_(0.5).div_(0.5)
+        return x.permute(0, 3, 1, 2)
 
     def encode(self, crops: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] normalised crops -> [N, grid*grid, enc_dim] features (after post_ln)."""
