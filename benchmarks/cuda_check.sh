@@ -7,6 +7,7 @@
 #   benchmarks/cuda_check.sh serve      # serve_bench.py: short answers about fresh 640x480 images,
 #                                       # 1 and 64 clients, batched engine with and without graphs
 #   benchmarks/cuda_check.sh reference  # the official reference on the same GPU (REF_SRC=its checkout)
+#   benchmarks/cuda_check.sh reference-compiled  # the same after its compile() (torch.compile)
 #   benchmarks/cuda_check.sh profile    # one short request through the scheduler, under the profiler
 #   benchmarks/cuda_check.sh serve-caption  # the older serving benchmark (captions, serial engine too)
 #
@@ -50,11 +51,15 @@ for stage in "${@:-parity}"; do
         "$PY" benchmarks/reference_bench.py --ref-src "${REF_SRC:?set REF_SRC to the reference checkout}" \
             --device cuda --size 640x480 --tokens 32 --short-tokens 8 --reps 10
         ;;
+    reference-compiled)
+        "$PY" benchmarks/reference_bench.py --ref-src "${REF_SRC:?set REF_SRC to the reference checkout}" \
+            --device cuda --size 640x480 --tokens 32 --short-tokens 8 --reps 10 --compile
+        ;;
     profile)
         "$PY" benchmarks/profile_request.py --device cuda --dtype bfloat16 --size 640x480 --tokens 8
         ;;
     *)
-        echo "unknown stage $stage (parity, model, serve, serve-caption, reference, profile)" >&2
+        echo "unknown stage $stage (parity, model, serve, serve-caption, reference, reference-compiled, profile)" >&2
         exit 2
         ;;
     esac
