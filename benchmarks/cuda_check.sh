@@ -56,7 +56,8 @@ for stage in "${@:-parity}"; do
             --device cuda --size 640x480 --tokens 32 --short-tokens 8 --reps 10 --compile
         ;;
     profile)
-        "$PY" benchmarks/profile_request.py --device cuda --dtype bfloat16 --size 640x480 --tokens 8
+        "$PY" benchmarks/profile_request.py --device cuda --dtype bfloat16 --size 640x480 --tokens 8 \
+            --slots 64 --concurrent 64
         ;;
     *)
         echo "unknown stage $stage (parity, model, serve, serve-caption, reference, reference-compiled, profile)" >&2

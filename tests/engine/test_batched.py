@@ -119,6 +119,10 @@ def test_mixed_concurrent_traffic_equals_one_at_a_time(
     # step with the decode graphs: on a CPU the same function runs without capture)
     assert (max(pooled_calls, default=0) > 1) == (kv_pool and not graphs)
     assert (max(graph_steps, default=0) > 1) == graphs
+    prefix = engine.runtime.prefix_graph if engine.runtime is not None else None
+    assert (prefix is not None) == graphs  # image prefills through the static prefix step
+    if prefix is not None:
+        assert prefix.replays + prefix.eager_runs == len(images)
     assert engine.runtime is not None and engine.scheduler is not None
     pool = engine.runtime.kv_pool
     assert (pool is not None) == kv_pool

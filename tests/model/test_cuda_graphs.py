@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moondream_server.model import Moondream, load
-from moondream_server.model.cuda_graphs import SPAN_STEP, DecodeGraphs, batch_buckets
+from moondream_server.model.cuda_graphs import SPAN_STEP, DecodeGraphs, PrefixGraph, batch_buckets
 from moondream_server.model.kv_cache import KVCache
 from moondream_server.model.text import SeqSlice
 from tests.model.support import TEST_DEVICE, TINY, TINY_MH
@@ -165,3 +165,26 @@ def test_flash_path_in_bf16_agrees_with_the_regular_forward(path: object) -> Non
             err = (hidden.float() - want.float()).norm() / want.float().norm()
             assert err < 2e-2, float(err)
     assert graphs.replays == 3
+
+
+@pytest.mark.parametrize("length", [1, 37])
+def test_prefix_graph_writes_what_the_regular_prefill_writes(model: Moondream, length: int) -> None:
+    text = model.net.text
+    pool = text.new_pool(3)
+    graph = PrefixGraph(text, pool, length)
+    other = text.new_cache(pool=pool)  # a neighbour slot must stay untouched
+    cache = text.new_cache(pool=pool)
+    private = text.new_cache()
+    before = pool.k.clone()
+    x = torch.randn(length, text.config.dim, generator=torch.Generator().manual_seed(8)).to(text.wte)
+    with torch.inference_mode():
+        assert graph.accepts(cache, length, length) and not graph.accepts(private, length, length)
+        assert not graph.accepts(cache, length, 0)  # not an image prefix: the regular path
+        graph.run(x, cache)
+        text(x, [SeqSlice(private, length, prefix=length)])
+    assert cache.length == private.length == length
+    torch.testing.assert_close(cache.k[:, :, :length], private.k[:, :, :length], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.v[:, :, :length], private.v[:, :, :length], rtol=1e-4, atol=1e-4)
+    assert torch.equal(pool.k[:, other.slot], before[:, other.slot])
+    assert torch.equal(pool.k[:, cache.slot, :, length:], before[:, cache.slot, :, length:])
+    assert (graph.replays, graph.eager_runs) == ((1, 0) if TEST_DEVICE.startswith("cuda") else (0, 1))

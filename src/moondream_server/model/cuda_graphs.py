@@ -315,3 +315,98 @@ def flash_decode_works(device: torch.device, dtype: torch.dtype) -> bool:
     except (RuntimeError, TypeError) as exc:
         log.warning("varlen flash attention unavailable (%s); decode graphs use masked SDPA", exc)
         return False
+
+
+class PrefixGraph:
+    """The image prefill (BOS + image tokens, bidirectional, positions 0..n-1) into a pool slot.
+
+    Its shape never changes, so one graph serves every image: the prefix is the whole sequence,
+    so attention needs no mask. On a CPU (or with ``capture=False``) it runs eagerly.
+    """
+
+    def __init__(self, text: TextModel, pool: KVPool, length: int, *, capture: bool | None = None) -> None:
+        if length > pool.max_context:
+            raise ValueError("the prefix does not fit in the context")
+        self.text = text
+        self.pool = pool
+        self.length = length
+        dev, dtype = text.wte.device, text.wte.dtype
+        self.capture = dev.type == "cuda" if capture is None else capture
+        self._x = torch.zeros(length, text.config.dim, dtype=dtype, device=dev)
+        self._slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self._graph: Any = None
+        self.replays = 0
+        self.eager_runs = 0
+
+    def accepts(self, cache: KVCache, length: int, prefix: int) -> bool:
+        return (
+            cache.pool is self.pool and cache.length == 0 and length == self.length and prefix == self.length
+        )
+
+    def run(self, x: torch.Tensor, cache: KVCache) -> None:
+        """Write the prefix's keys/values into the cache's slot and advance its length."""
+        if self.capture and self._graph is None:
+            self._capture()
+        self._slot.fill_(cache.slot)
+        self._x.copy_(x)
+        if self._graph is not None:
+            self._graph.replay()
+            self.replays += 1
+        else:
+            self._run()
+            self.eager_runs += 1
+        cache.length = self.length
+
+    def _run(self) -> None:
+        text, n = self.text, self.length
+        x = self._x
+        cos = torch.cat([text.rope_cos[:n]] * 2, dim=-1)[:, None, :]
+        sin = torch.cat([text.rope_sin[:n]] * 2, dim=-1)[:, None, :]
+        last = len(text.blocks) - 1
+        with sdpa_kernel(_GPU_ATTENTION) if x.is_cuda else contextlib.nullcontext():
+            for layer, block in enumerate(text.blocks):
+                assert isinstance(block, TextBlock)
+                h = block.ln(x)
+                attn = block.attn
+                hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
+                qkv = attn.qkv(h)
+                qk = qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd)
+                _rotate_in_place(qk, cos, sin)
+                k, v = qk[:, nh:], qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+                keys, values = self.pool.k_packed[layer], self.pool.v_packed[layer]  # [slots, ctx, h, hd]
+                keys[self._slot, :n] = k[None]
+                values[self._slot, :n] = v[None]
+                if layer == last:
+                    break  # nothing reads the last block's output: no request wants it
+                # 4-D, batch of one (the CPU's fused kernel needs it); every position sees all.
+                o = F.scaled_dot_product_attention(
+                    qk[None, :, :nh].transpose(1, 2),
+                    k[None].transpose(1, 2),
+                    v[None].transpose(1, 2),
+                    enable_gqa=nh != nkv,
+                )
+                x = x + attn.proj(o[0].transpose(0, 1).reshape(n, nh * hd)) + block.mlp(h)
+
+    def warm(self) -> None:
+        """Capture the graph ahead of traffic (GPU only)."""
+        if self.capture and self._graph is None:
+            self._capture()
+
+    def _capture(self) -> None:
+        # The warm-up run writes into the slot _slot names: point it at one nobody holds.
+        spare = self.pool.acquire()
+        if spare is None:
+            return  # no free slot to warm up in: stay eager (correct, slower)
+        try:
+            self._slot.fill_(spare)
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._run()
+            self._graph = graph
+        finally:
+            self.pool.release(spare)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from moondream_server.model.cuda_graphs import DecodeGraphs
+from moondream_server.model.cuda_graphs import DecodeGraphs, PrefixGraph
 from moondream_server.model.decoding import (
     Program,
     StepOutput,
@@ -92,8 +92,10 @@ class MoondreamRuntime:
         slots = kv_pool_slots + 1 if graphs else kv_pool_slots
         self.kv_pool: KVPool | None = self.text.new_pool(slots) if kv_pool_slots > 0 else None
         self.decode_graphs: DecodeGraphs | None = None
+        self.prefix_graph: PrefixGraph | None = None
         if graphs and self.kv_pool is not None:
             self.decode_graphs = DecodeGraphs(self.text, self.kv_pool, max_batch=kv_pool_slots)
+            self.prefix_graph = PrefixGraph(self.text, self.kv_pool, self.prefix_len)
         self.model_key = f"{model.model_id}@{model.revision or ''}"
         # counters, read by tests and logs
         self.vision_calls = 0
@@ -177,34 +179,51 @@ class MoondreamRuntime:
         if self.decode_graphs is not None:
             with torch.inference_mode():
                 self.decode_graphs.warm(spans=(self.prefix_len + 1, self.prefix_len + 129))
+        if self.prefix_graph is not None:
+            with torch.inference_mode():
+                self.prefix_graph.warm()
 
     def forward(self, items: Sequence[StepItem[ModelSeq]]) -> list[StepOutput | None]:
         if not items:
             return []
-        graphs = self.decode_graphs
-        if graphs is not None:
+        graphs, prefix = self.decode_graphs, self.prefix_graph
+        if graphs is not None and prefix is not None:
             fast = [
                 i for i, it in enumerate(items) if graphs.accepts(it.seq.cache, it.x.shape[0], it.seq.prefix)
             ]
-            if fast:
-                return self._forward_split(graphs, items, fast)
+            images = [
+                i
+                for i, it in enumerate(items)
+                if not it.want_output and prefix.accepts(it.seq.cache, it.x.shape[0], it.seq.prefix)
+            ]
+            if fast or images:
+                return self._forward_split(graphs, prefix, items, fast, images)
         return self._forward_eager(items)
 
     def _forward_split(
-        self, graphs: DecodeGraphs, items: Sequence[StepItem[ModelSeq]], fast: list[int]
+        self,
+        graphs: DecodeGraphs,
+        prefix: PrefixGraph,
+        items: Sequence[StepItem[ModelSeq]],
+        fast: list[int],
+        images: list[int],
     ) -> list[StepOutput | None]:
-        """Pooled decode steps through the graphs; the rest (prefills, private caches) eagerly."""
+        """Pooled decode steps and image prefills through the graphs; the rest (prompt
+        prefills, private caches) eagerly."""
         outputs: list[StepOutput | None] = [None] * len(items)
-        chosen = set(fast)
+        chosen = set(fast) | set(images)
         rest = [i for i in range(len(items)) if i not in chosen]
         if rest:
             for i, out in zip(rest, self._forward_eager([items[i] for i in rest]), strict=True):
                 outputs[i] = out
-        x = torch.cat([items[i].x for i in fast]) if len(fast) > 1 else items[fast[0]].x
-        hidden, logits = graphs.step(x, [items[i].seq.cache for i in fast])
-        for k, i in enumerate(fast):
-            if items[i].want_output:
-                outputs[i] = StepOutput(hidden=hidden[k], logits=logits[k])
+        for i in images:
+            prefix.run(items[i].x, items[i].seq.cache)
+        if fast:
+            x = torch.cat([items[i].x for i in fast]) if len(fast) > 1 else items[fast[0]].x
+            hidden, logits = graphs.step(x, [items[i].seq.cache for i in fast])
+            for k, i in enumerate(fast):
+                if items[i].want_output:
+                    outputs[i] = StepOutput(hidden=hidden[k], logits=logits[k])
         if not rest:
             self.forward_calls += 1
         return outputs
