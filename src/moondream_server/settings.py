@@ -109,8 +109,8 @@ class Settings(BaseSettings):
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         default="auto",
         description=(
-            "Batched engine with a KV pool: replay decode steps from captured CUDA graphs "
-            "(auto: on CUDA devices; on elsewhere runs the same static steps without graphs)."
+            "Replay decode steps (and, in the batched engine, image prefills) from captured CUDA "
+            "graphs (auto: on CUDA devices; on elsewhere runs the same static steps without graphs)."
         ),
     )
     cpu_weights: Literal["auto", "float32", "float16"] = Field(

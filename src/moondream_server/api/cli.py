@@ -73,7 +73,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--cuda-graphs",
         "cuda_graphs",
-        {"choices": ["auto", "on", "off"], "help": "batched engine: decode as CUDA graphs (auto: CUDA)"},
+        {"choices": ["auto", "on", "off"], "help": "decode steps as CUDA graphs (auto: on CUDA)"},
     ),
     (
         "--cpu-weights",
