@@ -188,4 +188,3 @@ def test_prefix_graph_writes_what_the_regular_prefill_writes(model: Moondream, l
     assert torch.equal(pool.k[:, other.slot], before[:, other.slot])
     assert torch.equal(pool.k[:, cache.slot, :, length:], before[:, cache.slot, :, length:])
     assert (graph.replays, graph.eager_runs) == ((1, 0) if TEST_DEVICE.startswith("cuda") else (0, 1))
-

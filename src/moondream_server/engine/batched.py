@@ -166,10 +166,9 @@ class BatchedEngine(Generic[S, E, P]):
             # GEMMs are compute-bound already), and a job of several images makes all of them wait
             # for the last one: one image per job, first come first served.
             images_per_job = self._max_images_per_step or (4 if gpu else 1)
-            # On a GPU a job's images go through the encoder in one pass (4 images of up to 13
-            # crops), not two: a second, small pass costs its ~330 launches for little work.
-            per_image = model.config.vision.max_crops + 1
-            vision_crops = self._max_vision_crops or (images_per_job * per_image if gpu else 4)
+            # On a GPU a job's images go through the encoder in one pass (Moondream2: 4 images of
+            # up to 13 crops), not two: a second, small pass costs its launches for little work.
+            vision_crops = self._max_vision_crops or (64 if gpu else 4)
             # On a CPU an encoder chunk or an image prefill takes many seconds: running decodes
             # get the cores for a while between them instead of waiting on every step.
             decode_first = self._decode_first_s
