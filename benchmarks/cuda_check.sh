@@ -31,7 +31,7 @@ for stage in "${@:-parity}"; do
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
         "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
         MOONDREAM_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/model/test_golden.py \
-            tests/engine/test_batched_model.py tests/model/test_cuda_graphs.py "${K_VIPS[@]}"
+            tests/engine/test_batched.py tests/model/test_cuda_graphs.py "${K_VIPS[@]}"
         "$PY" benchmarks/golden_check.py --device cuda --dtype bfloat16 "${NO_VIPS[@]}" || true
         ;;
     model)
