@@ -579,7 +579,8 @@ def test_retry_after_before_anything_finished_is_the_running_requests_age() -> N
         s.submit(req(counting_program(i, prompt=1, tokens=1)))
     with pytest.raises(QueueFullError) as info:
         s.submit(req(counting_program(5, prompt=1, tokens=1)))
-    # No request has finished, but each slot has been held 30 s already: not "retry in 1 s".
+    # No request has finished, but each slot has been held 30 s already (so ~30 s more, taken
+    # as half done): not "retry in 1 s".
     assert info.value.retry_after_s == 30.0
     assert s.retry_after_s() == 30.0
 

@@ -248,23 +248,39 @@ class BatchedEngine(Generic[S, E, P]):
     async def _submit(
         self, image: Image.Image | None, program: Program, on_done: Callable[[Request[P]], None]
     ) -> Request[P]:
-        """Hash (and, on a cache miss, tile) the image on a worker thread, then queue the request.
+        """Hash (and, on a cache miss, tile) the image on a worker thread, then queue the request
+        in the place the caller reserved (see ``_reserved``).
 
-        The scheduler thread then spends its time on the model only. A full queue is refused
-        before any of that work.
+        The scheduler thread then spends its time on the model only.
         """
         runtime, scheduler = self._starting_parts()
         deadline = scheduler.clock() + self._timeout
         key: Hashable | None = None
         payload: Image.Image | P | None = image
         if image is not None:
-            scheduler.check_capacity()
             key, payload = await asyncio.to_thread(self._prepare, runtime, image)
         req: Request[P] = Request(
             program=program, image=payload, image_key=key, deadline=deadline, on_done=on_done
         )
-        scheduler.submit(req)
+        scheduler.submit(req, reserved=True)
         return req
+
+    async def _reserved_submit(
+        self,
+        image: Image.Image | None,
+        task: Task,
+        on_text: OnText | None,
+        on_done: Callable[[Request[P]], None],
+    ) -> Request[P]:
+        """Reserve a queue place first (a full queue refuses at once, on the loop), then build the
+        program and prepare the image on worker threads, then submit into the place."""
+        _, scheduler = self._starting_parts()
+        scheduler.reserve()
+        try:
+            return await self._submit(image, await self._program(task, on_text), on_done)
+        except BaseException:
+            scheduler.unreserve()  # submit() is the last step: it failed, or was never reached
+            raise
 
     def _prepare(
         self, runtime: ModelRuntime[S, E, P], image: Image.Image
@@ -297,7 +313,7 @@ class BatchedEngine(Generic[S, E, P]):
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
                 loop.call_soon_threadsafe(deliver, req)
 
-        req = await self._submit(image, await self._program(task, None), on_done)
+        req = await self._reserved_submit(image, task, None, on_done)
         try:
             done = await asyncio.wait_for(fut, max(req.deadline - scheduler.clock(), 0.0))
         except TimeoutError:
@@ -327,7 +343,7 @@ class BatchedEngine(Generic[S, E, P]):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(items.put_nowait, ("done", req))
 
-        req = await self._submit(image, await self._program(task, send), on_done)
+        req = await self._reserved_submit(image, task, send, on_done)
         try:
             while True:
                 remaining = req.deadline - scheduler.clock()

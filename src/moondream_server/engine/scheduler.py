@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import itertools
 import logging
 import threading
@@ -181,6 +182,9 @@ class Scheduler(Generic[S, E, P]):
         self._inflight: dict[Hashable, _Seq[S, P]] = {}  # image key -> the seq encoding it
         self._purged: list[Request[P]] = []  # cancelled while waiting, dropped by submit()
         self._job: tuple[VisionJob, list[_Seq[S, P]]] | None = None  # the vision job under way
+        self._reserved = 0  # queue places taken by requests still being prepared
+        self._admit_gaps: collections.deque[float] = collections.deque(maxlen=8)  # while draining
+        self._last_admit_at: float | None = None
         self._slot_times: collections.deque[float] = collections.deque(maxlen=16)  # completed, recent
         self._order = itertools.count()
         self._cond = threading.Condition()
@@ -188,10 +192,29 @@ class Scheduler(Generic[S, E, P]):
         self._thread: threading.Thread | None = None
 
     # -- submission (any thread) -------------------------------------------------------------
-    def submit(self, req: Request[P]) -> None:
-        """Queue a request; raises QueueFullError at once when ``max_queue`` are already waiting."""
+    def reserve(self) -> None:
+        """Take a queue place now for a request still being prepared (its program built, its
+        image tiled on worker threads), or raise QueueFullError at once. A burst is then refused
+        while it arrives, not after each refused request has waited for those threads.
+        ``submit(reserved=True)`` uses the place; ``unreserve()`` gives it back."""
         with self._cond:
             self._check_capacity_locked()
+            self._reserved += 1
+
+    def unreserve(self) -> None:
+        with self._cond:
+            self._reserved = max(0, self._reserved - 1)
+
+    def submit(self, req: Request[P], *, reserved: bool = False) -> None:
+        """Queue a request; raises QueueFullError at once when ``max_queue`` are already waiting
+        (unless it holds a reservation)."""
+        with self._cond:
+            if reserved:
+                if self._closed:  # the reservation stays the caller's to give back
+                    raise NotReadyError("the server is shutting down")
+                self._reserved = max(0, self._reserved - 1)
+            else:
+                self._check_capacity_locked()
             req.submitted_at = self.clock()
             self._waiting.append(req)
             self._cond.notify()
@@ -210,9 +233,9 @@ class Scheduler(Generic[S, E, P]):
         if self._closed:
             raise NotReadyError("the server is shutting down")
         limit = self.max_queue + self._free_slots()
-        if len(self._waiting) >= limit:
+        if len(self._waiting) + self._reserved >= limit:
             self._purge_waiting_locked()
-        if len(self._waiting) >= limit:
+        if len(self._waiting) + self._reserved >= limit:
             self.stats.rejected += 1
             raise QueueFullError(
                 f"the request queue is full ({self.max_queue} waiting)",
@@ -234,24 +257,42 @@ class Scheduler(Generic[S, E, P]):
             return self._retry_after_locked()
 
     def _retry_after_locked(self) -> float:
-        """Seconds until the requests waiting now have all left the queue (at least 1).
+        """Whole seconds until the requests waiting now have all got a slot (at least 1).
 
-        Measured drain: they get slots ``max_batch_size`` at a time, each slot held for the mean
-        of the recent measured times in a slot (before any finished: the age of the oldest active
-        request, a lower bound). Bounded by the deadline: every waiting request has left by its
-        own deadline at the latest, served or expired.
+        Measured drain: while the queue has been draining, the mean of the recent gaps between
+        one waiting request getting its slot and the next, once per waiting request. Before
+        that (no backlog seen yet): a slot is held for the mean of the recent measured times in a slot
+        (before any request finished: twice the age of the oldest running one, which is on
+        average half done). Each
+        running request frees its slot when that time is up (at once if it is past it), and a
+        slot then serves one waiting request after another, in order; the estimate is when the
+        last waiting one gets its slot. Bounded by the deadline: every waiting request has left
+        by its own deadline at the latest, served or expired.
         """
         now = self.clock()
-        ahead = max(0, len(self._waiting) - self._free_slots())
+        waiting = len(self._waiting) + self._reserved
+        if len(self._admit_gaps) >= 2:
+            # Measured directly: the recent gaps between a waiting request's slot and the next.
+            estimate = waiting * sum(self._admit_gaps) / len(self._admit_gaps)
+            if self._waiting:
+                estimate = min(estimate, max(r.deadline for r in self._waiting) - now)
+            return float(max(round(estimate), 1))
+        ages = [now - s.req.started_at for s in self._active if s.req.started_at is not None]
         if self._slot_times:
             per_slot = sum(self._slot_times) / len(self._slot_times)
         else:
-            started = [s.req.started_at for s in self._active if s.req.started_at is not None]
-            per_slot = now - min(started) if started else 0.0
-        estimate = per_slot * -(-ahead // self.max_batch_size)  # whole rounds of the batch
+            per_slot = 2 * max(ages, default=0.0)
+        # When each slot frees next: running requests when their time is up, free slots now.
+        frees = [max(per_slot - age, 0.0) for age in ages]
+        frees += [0.0] * max(0, self.max_batch_size - len(frees))
+        heapq.heapify(frees)
+        estimate = 0.0
+        for _ in range(waiting):
+            estimate = heapq.heappop(frees)  # the next waiting request starts here ...
+            heapq.heappush(frees, estimate + per_slot)  # ... and holds the slot this long
         if self._waiting:
             estimate = min(estimate, max(r.deadline for r in self._waiting) - now)
-        return max(estimate, 1.0)
+        return float(max(round(estimate), 1))
 
     @property
     def queue_depth(self) -> int:
@@ -357,6 +398,15 @@ class Scheduler(Generic[S, E, P]):
         with self._cond:
             while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
                 admitted.append(self._waiting.popleft())
+        prev = self._last_admit_at
+        if admitted:
+            self._last_admit_at = now
+        # Those already waiting at the previous admission got their slots in this gap: the queue
+        # draining (k slots freed at once: k admissions in one gap).
+        drained = [r for r in admitted if prev is not None and r.submitted_at < prev]
+        for _ in drained:
+            assert prev is not None
+            self._admit_gaps.append((now - prev) / len(drained))
         for r in admitted:
             r.started_at = now
             seq: _Seq[S, P] = _Seq(req=r, order=next(self._order))
