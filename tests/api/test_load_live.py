@@ -24,7 +24,7 @@ from tests.api.hostile import ServerProcess
 SLOTS = 2
 QUEUE = 4
 OVERLOAD = 10  # offered load, as a multiple of the measured throughput
-LOAD_S = 4.0  # how long requests keep arriving
+LOAD_S = 6.0  # how long requests keep arriving: over 100 refusals, so p99 is not just the slowest
 # Each request runs to this many tokens (end-of-text is unreachable in this checkpoint): seconds in
 # a slot, so a full queue takes several to drain and Retry-After is not just its 1 s floor.
 TOKENS = 600
