@@ -280,6 +280,7 @@ def main() -> None:
     for s in sides:
         print(f"loading {s} ...", file=sys.stderr, flush=True)
         w = Worker(s, args)
+        print(f"  {s}: {json.dumps(w.info)}", file=sys.stderr, flush=True)
         workers.append(w)
         infos[s] = w.info
         for key in ("load_s", "load_peak_rss_mb", "rss_after_load_mb"):
@@ -289,10 +290,11 @@ def main() -> None:
             print(f"loading {s} again (load only) ...", file=sys.stderr, flush=True)
             extra = Worker(s, args, load_only=True)
             extra.proc.wait()
+            print(f"  {s}: {json.dumps(extra.info)}", file=sys.stderr, flush=True)
             for key in ("load_s", "load_peak_rss_mb"):
                 add(s, key, extra.info[key])
     try:
-        for w in workers:
+        for w in workers if args.reps else []:
             print(f"warming up {w.side} ...", file=sys.stderr, flush=True)
             w.ask("warmup")
         figures = args.figures.split(",")
@@ -301,7 +303,7 @@ def main() -> None:
                 order = workers if rep % 2 == 0 else workers[::-1]
                 for w in order:
                     r = w.ask(fig)
-                    print(f"  rep {rep} {fig:8s} {w.side:30s} {r['s']:8.2f} s", file=sys.stderr, flush=True)
+                    print(f"  rep {rep} {fig:8s} {w.side:30s} {json.dumps(r)}", file=sys.stderr, flush=True)
                     add(w.side, fig + "_s", r["s"])
                     for key in ("ttft_s", "decode_s_per_token"):
                         if key in r:
