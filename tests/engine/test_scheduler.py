@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
@@ -604,3 +605,46 @@ def test_retry_after_never_exceeds_the_waiting_requests_deadlines() -> None:
         s.submit(req(counting_program(5, prompt=1, tokens=1)))
     # 2 waiting x ~200 s, but both have left (served or expired) within 45 s.
     assert info.value.retry_after_s == 45.0
+
+
+def test_a_reserved_place_counts_as_waiting_until_used_or_given_back() -> None:
+    s, _, _ = make(max_batch_size=1, max_queue=1)
+    s.reserve()  # the free slot's place
+    s.reserve()  # the queue's place
+    with pytest.raises(QueueFullError):
+        s.reserve()
+    with pytest.raises(QueueFullError):
+        s.submit(req(counting_program(1, prompt=1, tokens=1)))  # unreserved: refused too
+    s.submit(req(counting_program(2, prompt=1, tokens=1)), reserved=True)
+    s.unreserve()  # the other one was never submitted
+    s.reserve()  # ... so its place can be taken again
+    s.unreserve()
+    assert s.queue_depth == 1
+    drain(s)
+
+
+def test_retry_after_follows_the_measured_gaps_between_admissions() -> None:
+    s, rt, clock = make(max_batch_size=1, max_queue=3)
+    forward = rt.forward
+
+    def slow_forward(items: Any) -> Any:  # every step takes 2 s of (fake) time
+        clock.now += 2.0
+        return forward(items)
+
+    rt.forward = slow_forward  # type: ignore[method-assign]
+    first = [req(counting_program(i, prompt=1, tokens=1)) for i in range(4)]
+    for r in first:  # one runs, three wait
+        s.submit(r)
+    for _ in range(6):
+        s.run_once()
+    started = sorted(r.started_at for r in first if r.started_at is not None)
+    assert len(started) >= 3 and s.queue_depth <= 1
+    gaps = [b - a for a, b in itertools.pairwise(started)]  # all were waiting from the start
+    assert min(gaps) > 0
+    with pytest.raises(QueueFullError) as info:
+        for i in range(10):
+            s.submit(req(counting_program(10 + i, prompt=1, tokens=1)))
+    # Each waiting request beyond the free slots gets a slot one measured gap after the one before.
+    ahead = s.queue_depth - (s.max_batch_size - s.active_count)
+    assert info.value.retry_after_s == round(ahead * sum(gaps) / len(gaps))
+    assert info.value.retry_after_s > 1

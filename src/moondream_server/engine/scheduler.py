@@ -260,7 +260,8 @@ class Scheduler(Generic[S, E, P]):
         """Whole seconds until the requests waiting now have all got a slot (at least 1).
 
         Measured drain: while the queue has been draining, the mean of the recent gaps between
-        one waiting request getting its slot and the next, once per waiting request. Before
+        one waiting request getting its slot and the next, once per waiting request beyond the
+        free slots. Before
         that (no backlog seen yet): a slot is held for the mean of the recent measured times in a slot
         (before any request finished: twice the age of the oldest running one, which is on
         average half done). Each
@@ -273,7 +274,8 @@ class Scheduler(Generic[S, E, P]):
         waiting = len(self._waiting) + self._reserved
         if len(self._admit_gaps) >= 2:
             # Measured directly: the recent gaps between a waiting request's slot and the next.
-            estimate = waiting * sum(self._admit_gaps) / len(self._admit_gaps)
+            ahead = max(0, waiting - self._free_slots())  # those beyond the free slots wait a gap each
+            estimate = ahead * sum(self._admit_gaps) / len(self._admit_gaps)
             if self._waiting:
                 estimate = min(estimate, max(r.deadline for r in self._waiting) - now)
             return float(max(round(estimate), 1))
@@ -403,7 +405,7 @@ class Scheduler(Generic[S, E, P]):
             self._last_admit_at = now
         # Those already waiting at the previous admission got their slots in this gap: the queue
         # draining (k slots freed at once: k admissions in one gap).
-        drained = [r for r in admitted if prev is not None and r.submitted_at < prev]
+        drained = [r for r in admitted if prev is not None and r.submitted_at <= prev]
         for _ in drained:
             assert prev is not None
             self._admit_gaps.append((now - prev) / len(drained))
