@@ -194,21 +194,7 @@ class DecodeGraphs:
                 keys, values = pool.k_packed[layer], pool.v_packed[layer]  # [slots, ctx, heads, hd]
                 keys[slots, pos] = k
                 values[slots, pos] = v
-                heads, hd = keys.shape[-2:]
-                out = torch.ops.aten._flash_attention_forward(
-                    q,
-                    keys.view(-1, heads, hd),
-                    values.view(-1, heads, hd),
-                    cu_q,
-                    cu_k,
-                    1,
-                    ctx,
-                    0.0,
-                    False,
-                    False,
-                    seqused_k=used,
-                )[0]
-                return out  # type: ignore[no-any-return]
+                return _varlen_flash(q, keys, values, cu_q, cu_k, used)
 
             return flash
         cols = torch.arange(span, device=slots.device)
@@ -272,6 +258,34 @@ def _rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> N
     x[..., :ROTARY_DIM] = a * cos + swapped * sin
 
 
+def _varlen_flash(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    used: torch.Tensor,
+) -> torch.Tensor:
+    """One query row per sequence against its slot of [slots, ctx, heads, hd] keys, reading only
+    the first `used` keys of each: the one call of the private op, shared by the decode step and
+    the start-up check so that the check tests exactly what decoding runs."""
+    ctx, heads, hd = keys.shape[-3:]
+    out: torch.Tensor = torch.ops.aten._flash_attention_forward(
+        q,
+        keys.view(-1, heads, hd),
+        values.view(-1, heads, hd),
+        cu_q,
+        cu_k,
+        1,
+        ctx,
+        0.0,
+        False,
+        False,
+        seqused_k=used,
+    )[0]
+    return out
+
+
 def flash_decode_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether varlen flash attention with per-sequence key counts runs here and agrees with SDPA.
 
@@ -289,19 +303,7 @@ def flash_decode_works(device: torch.device, dtype: torch.dtype) -> bool:
         rows, used = [2, 0], [100, 7]  # slot and key count of each query
         cu_q = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
         cu_k = torch.tensor([rows[0] * ctx, rows[1] * ctx, slots * ctx], dtype=torch.int32, device=device)
-        out = torch.ops.aten._flash_attention_forward(
-            q,
-            keys.view(-1, heads, hd),
-            values.view(-1, heads, hd),
-            cu_q,
-            cu_k,
-            1,
-            ctx,
-            0.0,
-            False,
-            False,
-            seqused_k=torch.tensor(used, dtype=torch.int32, device=device),
-        )[0]
+        out = _varlen_flash(q, keys, values, cu_q, cu_k, torch.tensor(used, dtype=torch.int32, device=device))
         for i, (slot, n) in enumerate(zip(rows, used, strict=True)):
             want = F.scaled_dot_product_attention(
                 q[i, :, None].float(),
