@@ -19,6 +19,56 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # type: ignore[no-any-return]
 
 
+class FusedGeluMLP(MLP):
+    """``MLP`` whose many-row fc1 runs as one oneDNN GEMM with the bias and the GELU applied to
+    its float32 accumulators before they are stored (CPU only).
+
+    Unfused, a bf16 GEMM writes the bias first (a copy of the bias into every output row), then
+    multiplies, then GELU reads and writes the whole activation once more: for the vision
+    encoder's 6561 x 4304 activations that is ~25% on top of the GEMM itself. The fused GELU is
+    computed before the bf16 rounding instead of after it, a difference of one bf16 rounding.
+    One-row inputs (decode steps) keep the plain path, whose kernel ``precision.py`` chose.
+    Switched in place (same parameters) by ``use_fused_gelu``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1 = self.fc1
+        if x.device.type != "cpu" or x.numel() == fc1.in_features:
+            return super().forward(x)
+        flat = x.reshape(-1, fc1.in_features)
+        h = torch.ops.mkldnn._linear_pointwise(flat, fc1.weight, fc1.bias, "gelu", [], "tanh")
+        return self.fc2(h.view(*x.shape[:-1], fc1.out_features))  # type: ignore[no-any-return]
+
+
+def fused_gelu_works(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build has oneDNN's fused linear + GELU for `dtype`, and it computes
+    what the unfused layer computes (to a few roundings of `dtype`)."""
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=gen).to(dtype)
+    w = (torch.randn(96, 64, generator=gen) / 8).to(dtype)
+    b = torch.randn(96, generator=gen).to(dtype)
+    try:
+        with torch.inference_mode():
+            fused = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
+    except (RuntimeError, NotImplementedError):
+        return False
+    exact = F.gelu(F.linear(x.double(), w.double(), b.double()), approximate="tanh")
+    return fused.shape == exact.shape and bool((fused.double() - exact).abs().max() < 0.1)
+
+
+def use_fused_gelu(modules: list[nn.Module]) -> int:
+    """Switch every ``MLP`` under `modules` whose fc1 is a plain linear layer to ``FusedGeluMLP``."""
+    count = 0
+    for root in modules:
+        for m in root.modules():
+            if type(m) is MLP and isinstance(m.fc1, nn.Linear):
+                m.__class__ = FusedGeluMLP
+                count += 1
+    return count
+
+
 class Fp16Linear(nn.Module):
     """Inference-only stand-in for ``nn.Linear`` on the CPU: float16 weights, float32 arithmetic.
 

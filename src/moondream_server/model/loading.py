@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from moondream_server.model.config import MoondreamConfig
 from moondream_server.model.hub import DEFAULT_MODEL, ModelLoadError, resolve
-from moondream_server.model.layers import pack_fp16, pack_int8
+from moondream_server.model.layers import fused_gelu_works, pack_fp16, pack_int8, use_fused_gelu
 from moondream_server.model.moondream import Moondream
 from moondream_server.model.net import MoondreamNet
 from moondream_server.model.precision import (
@@ -147,6 +147,8 @@ def _choose_kernels(
         return Precision(name, "float16 where lossless", "fbgemm fp16", "float32 compute, fp16 weights")
     if dtype != torch.bfloat16:
         return Precision(name, name, "MKL/oneDNN", f"dtype {name}")
+    if fused_gelu_works(dtype):
+        use_fused_gelu([net.vision, net.text, net.region])
     # Every weight a decode step reads in one layer of the text model: larger than the cache.
     block = net.text.blocks[0]
     weights = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
