@@ -1,4 +1,4 @@
-"""Layer stand-ins chosen at load: the fused linear + GELU MLP."""
+"""Layer stand-ins chosen at load: the fused linear + GELU MLP, int8 compute."""
 
 from __future__ import annotations
 
@@ -6,11 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
 from moondream_server.model import load
-from moondream_server.model.layers import MLP, FusedGeluMLP, fused_gelu_works, use_fused_gelu
+from moondream_server.model.layers import (
+    MLP,
+    FusedGeluMLP,
+    Int8ComputeLinear,
+    Int8Linear,
+    fused_gelu_works,
+    int8_compute_works,
+    use_fused_gelu,
+)
 
 pytestmark = pytest.mark.skipif(not fused_gelu_works(torch.bfloat16), reason="no oneDNN linear + GELU here")
 
@@ -66,3 +75,55 @@ def test_bf16_load_fuses_every_mlp_and_float32_none(random_folder: Path) -> None
     assert mlps and all(type(m) is FusedGeluMLP for m in mlps)
     fp32 = load(random_folder, device="cpu", dtype="float32")
     assert not any(type(m) is FusedGeluMLP for m in fp32.net.modules())
+
+
+int8_compute = pytest.mark.skipif(not int8_compute_works(torch.bfloat16), reason="no oneDNN int8 GEMM here")
+
+
+@int8_compute
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_int8_compute_linear_is_close_to_the_float_layer(activation: str) -> None:
+    torch.manual_seed(2)
+    w, b = torch.randn(96, 64) / 8, torch.randn(96) / 4
+    layer = Int8ComputeLinear(Int8Linear(w, b, torch.bfloat16))
+    x = torch.randn(3, 50, 64)
+    exact = F.linear(x.double(), w.double(), b.double())
+    if activation == "gelu":
+        exact = F.gelu(exact, approximate="tanh")
+    with torch.inference_mode():
+        got = layer(x.to(torch.bfloat16), activation)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 50, 96)
+    # 8-bit weights and activations: within a few % of the largest output
+    assert (got.double() - exact).abs().max().item() < 0.04 * exact.abs().max().item()
+
+
+@int8_compute
+def test_int8_compute_quantizes_each_crop_on_its_own() -> None:
+    """A crop's result must not depend on the other crops in its batch (one scale per crop)."""
+    torch.manual_seed(3)
+    layer = Int8ComputeLinear(Int8Linear(torch.randn(32, 16), torch.randn(32), torch.bfloat16))
+    quiet, loud = torch.randn(1, 20, 16), 100 * torch.randn(1, 20, 16)
+    with torch.inference_mode():
+        alone = layer(quiet.to(torch.bfloat16))
+        batched = layer(torch.cat([quiet, loud]).to(torch.bfloat16))
+    assert torch.equal(batched[:1], alone)
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_load_computes_the_vision_encoder_in_int8_only_with_vnni(
+    monkeypatch: pytest.MonkeyPatch, random_folder: Path, vnni: bool
+) -> None:
+    import moondream_server.model.loading as loading
+
+    monkeypatch.setattr(loading, "cpu_has_int8_dot", lambda: vnni)
+    model = load(random_folder, device="cpu", dtype="bfloat16", quantize="int8")
+    on = vnni and int8_compute_works(torch.bfloat16)
+    vision = {type(m) for m in model.net.vision.modules() if isinstance(m, Int8Linear | Int8ComputeLinear)}
+    assert vision == ({Int8ComputeLinear} if on else {Int8Linear})
+    assert type(model.net.vision.blocks[0].mlp) is (FusedGeluMLP if on else MLP)
+    text = {type(m) for m in model.net.text.modules() if isinstance(m, Int8Linear | Int8ComputeLinear)}
+    assert text == {Int8Linear}  # decode keeps the int8-weight kernel
+    assert model.precision is not None and ("vision encoder in int8" in model.precision.reason) == on
+    with torch.inference_mode():
+        emb = model.embed_image(Image.new("RGB", (300, 200), (90, 160, 30)))
+    assert torch.isfinite(emb.float()).all()

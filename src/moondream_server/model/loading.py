@@ -13,12 +13,20 @@ from tokenizers import Tokenizer
 
 from moondream_server.model.config import MoondreamConfig
 from moondream_server.model.hub import DEFAULT_MODEL, ModelLoadError, resolve
-from moondream_server.model.layers import fused_gelu_works, pack_fp16, pack_int8, use_fused_gelu
+from moondream_server.model.layers import (
+    fused_gelu_works,
+    int8_compute_works,
+    pack_fp16,
+    pack_int8,
+    use_fused_gelu,
+    use_int8_compute,
+)
 from moondream_server.model.moondream import Moondream
 from moondream_server.model.net import MoondreamNet
 from moondream_server.model.precision import (
     ONEDNN_MARGIN,
     Precision,
+    cpu_has_int8_dot,
     cpu_has_native_bf16,
     time_one_row,
     use_native_gemv,
@@ -142,7 +150,12 @@ def _choose_kernels(
     if device.type != "cpu":
         return Precision(name, name, "cuBLAS", "GPU")
     if quantize == "int8":
-        return Precision(name, "int8 per channel", "_weight_int8pack_mm", "quantize=int8")
+        vision = f"vision encoder in {name} on widened weights"
+        if cpu_has_int8_dot() and int8_compute_works(dtype):
+            use_int8_compute([net.vision])
+            use_fused_gelu([net.vision])
+            vision = "vision encoder in int8 (oneDNN, VNNI)"
+        return Precision(name, "int8 per channel", "_weight_int8pack_mm", f"quantize=int8; {vision}")
     if fp16_packed:
         return Precision(name, "float16 where lossless", "fbgemm fp16", "float32 compute, fp16 weights")
     if dtype != torch.bfloat16:
