@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
+from torch.nn import functional as F
 
 from moondream_server.model import Moondream
 from moondream_server.model import text as text_module
@@ -118,3 +120,13 @@ def test_pooled_decode_steps_equal_private_caches(random_model: Moondream, monke
     assert calls == [3] * (3 * text.config.n_layers)  # every decode step of every layer, batched
     for a, b in zip(private, pooled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_matches_sdpa(dtype: torch.dtype) -> None:
+    torch.manual_seed(4)
+    q, keys, values = torch.randn(8, 16), 3 * torch.randn(8, 40, 16), torch.randn(8, 40, 16)
+    exact = F.scaled_dot_product_attention(q[:, None].double(), keys.double(), values.double())[:, 0]
+    got = text_module._one_query_attention(q.to(dtype), keys.to(dtype), values.to(dtype))
+    assert got.dtype == dtype and got.shape == (8, 16)
+    assert (got.double() - exact).abs().max().item() < (1e-5 if dtype == torch.float32 else 0.05)
