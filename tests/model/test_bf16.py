@@ -30,7 +30,7 @@ def case(
     folder, kernel = request.param
     timings = (2.0, 1.0) if kernel == "native" else (1.0, 2.0)  # (oneDNN, own kernel) seconds
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loading, "time_one_row", lambda weights: timings)
+        mp.setattr(loading, "time_one_row", lambda weights, reps=0: timings)
         model = load(folder, device="cpu", dtype="bfloat16", resampler="pil")
     assert model.precision is not None and ("matrix-vector" in model.precision.decode) == (kernel == "native")
     return model, golden(folder), load_file(str(folder / "expected.safetensors")), folder

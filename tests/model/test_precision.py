@@ -69,7 +69,7 @@ def test_load_keeps_the_faster_one_row_kernel(
     import moondream_server.model.loading as loading
 
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(loading, "time_one_row", lambda weights: timings)
+    monkeypatch.setattr(loading, "time_one_row", lambda weights, reps=0: timings)
     model = load(random_folder, device="cpu", dtype="auto")
     assert model.dtype == torch.bfloat16
     assert model.precision is not None and model.precision.compute == "bfloat16"

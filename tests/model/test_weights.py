@@ -85,3 +85,51 @@ def test_linear_layers_are_packed_while_the_file_is_read(
     assert sum(isinstance(m, Fp16Linear) for m in net.modules()) == events.count("pack") > 10
     assert events.index("pack") < len(events) // 4  # packing starts early, not after the last read
     assert most_alive <= 3  # two layers queued behind the one being packed, at most
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_reader_maps_the_file_and_releases_what_was_copied(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    big = torch.arange(2**20, dtype=torch.float32)  # 4 MiB
+    save_file({"big": big, "small": torch.ones(3)}, str(path))
+    written = TensorReader(path).read("big")
+    written[0] = -1.0  # the map is private: the file keeps its data
+    assert torch.equal(load_file(str(path))["big"], big)
+    del written
+    reader = TensorReader(path)
+    got = reader.read("big")
+    assert _mapped_kib(path) >= 4096  # mapped in when read, not on first use
+    reader.release("big")
+    assert _mapped_kib(path) < 64  # only pages shared with a neighbour may stay
+    reader.close()
+    assert torch.equal(got, big)  # still readable after release and close: mapped again on use
+    assert torch.equal(TensorReader(path).read("small"), torch.ones(3))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_packed_layers_leave_no_file_pages_behind(
+    tmp_path: Path, random_folder: Path, tiny_config: MoondreamConfig
+) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes((random_folder / "model.safetensors").read_bytes())
+    net = build_and_load(path, tiny_config, torch.device("cpu"), torch.bfloat16, pack_fp16, pack_threads=2)
+    packed = [m for m in net.modules() if isinstance(m, Fp16Linear)]
+    assert packed
+    kept = sum(p.numel() * p.element_size() for p in net.parameters())  # the unpacked tensors
+    linear_bytes = sum(m.in_features * m.out_features * 2 for m in packed)
+    assert linear_bytes > kept  # the bound below would catch keeping the packed weights
+    pages = 2 * len(list(net.parameters())) * 4  # KiB: a page at each end of a tensor
+    assert _mapped_kib(path) <= kept // 1024 + pages

@@ -44,6 +44,10 @@ _DTYPES = {
 }
 
 
+# Timed rounds per kernel at load (after one warm-up round): each round reads one text layer's
+# weights (100 MB in bf16) twice; three keep the best-of margin at a quarter second of loading.
+CALIBRATION_REPS = 3
+
 CPU_WEIGHTS = ("auto", "float32", "float16")
 QUANTIZE = ("none", "int8")
 
@@ -165,7 +169,7 @@ def _choose_kernels(
     # Every weight a decode step reads in one layer of the text model: larger than the cache.
     block = net.text.blocks[0]
     weights = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    onednn_s, native_s = time_one_row(weights)
+    onednn_s, native_s = time_one_row(weights, reps=CALIBRATION_REPS)
     why = f"one row: oneDNN {onednn_s * 1e3:.1f} ms, own kernel {native_s * 1e3:.1f} ms per text layer"
     if native_s <= onednn_s * ONEDNN_MARGIN:
         use_native_gemv([net.text, net.region])

@@ -76,6 +76,13 @@ class TextModel(nn.Module):
 
     def init_rope(self, device: torch.device | None) -> None:
         """(Re)build the float32 rotary tables, e.g. after loading weights onto a meta-built model."""
+        if (torch.get_default_device() if device is None else torch.device(device)).type == "meta":
+            # Only shapes exist on meta; computing there runs PyTorch's Python reference ops,
+            # whose first use imports torch._dynamo: ~1 s of every load.
+            shape = (self.config.max_context, ROTARY_DIM // 2)
+            self.register_buffer("rope_cos", torch.empty(shape, device="meta"), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(shape, device="meta"), persistent=False)
+            return
         rot = torch.arange(0, ROTARY_DIM, 2, device=device)[: ROTARY_DIM // 2].float()
         inv_freq = 1.0 / (ROPE_THETA ** (rot / ROTARY_DIM))
         t = torch.arange(self.config.max_context, dtype=torch.float32, device=device)

@@ -4,16 +4,22 @@ Tensors go straight from the file into the target dtype and device, one at a tim
 model built on the meta device. Linear layers that will be repacked anyway (float16 storage on
 the CPU) are handed to the packer as soon as their weight and bias are read, in the file's dtype,
 so neither a float32 copy nor the whole file's worth of unpacked weights ever exists at once.
-Tensor data is read with plain reads, not through a memory map: mapped pages count in the
-process's resident memory until the map closes, which added the whole file (3.9 GB) to the
-loading peak.
+Tensors are views of a private memory map of the file, not copies: a weight kept in the
+file's dtype (bf16 for the official checkpoint) costs no allocation, no zeroing and no copy,
+only mapping the file's pages, which the OS has usually cached already. Each tensor's pages
+are mapped when it is read, so loading ends with every kept weight resident. A tensor that is
+converted or packed into memory of its own is let go of at once (its pages leave this process;
+the mapping would otherwise keep the whole file resident beside the packed model). The file
+must not be truncated or rewritten in place while the model is loaded: the kept weights are its
+pages (a Hub download writes a new file and renames it, which is safe).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import mmap
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,38 +51,77 @@ _DTYPES = {
 }
 
 
+# madvise(MADV_POPULATE_READ), Linux 5.14+: map a range's pages now (reading them in from disk
+# if they are not cached), without faulting them in one by one on first use.
+_MADV_POPULATE_READ = 22
+
+
 class TensorReader:
-    """Tensors of a safetensors file by name, each read into memory of its own (no memory map).
+    """Tensors of a safetensors file by name, as views of one private memory map of the file.
 
     The format: an 8-byte little-endian header size, a JSON header mapping names to dtype, shape
     and byte offsets, then the data. ``safe_open`` has already validated the header by the time
-    this runs; a file that ends early still fails here with ``ModelLoadError``.
+    this runs; a file that ends early still fails here with ``ModelLoadError``. The map is
+    private (copy on write): writing to a returned tensor never changes the file. It lives as
+    long as any tensor read from it, whether or not ``close`` was called.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file: io.BufferedReader = open(path, "rb")  # noqa: SIM115 (closed by close())
-        (size,) = struct.unpack("<Q", self._file.read(8))
-        self._header: dict[str, Any] = json.loads(self._file.read(size))
-        self._base = 8 + size
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            self._header: dict[str, Any] = json.loads(f.read(size))
+            self._base = 8 + size
+            try:
+                self._map: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"cannot map {path}: {e}") from e
+        self._size = len(self._map)
+        self._populate = sys.platform == "linux"
+
+    def _span(self, key: str) -> tuple[int, int]:
+        begin, end = self._header[key]["data_offsets"]
+        start, stop = self._base + begin, self._base + end
+        if stop > self._size:
+            raise ModelLoadError(f"{self.path} is truncated (tensor {key} ends past the end of the file)")
+        return start, stop
 
     def read(self, key: str) -> torch.Tensor:
         info = self._header[key]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise ModelLoadError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
+        start, stop = self._span(key)
         shape = tuple(info["shape"])
-        if end == begin:
+        if stop == start:
             return torch.empty(shape, dtype=dtype)
-        buf = bytearray(end - begin)
-        self._file.seek(self._base + begin)
-        if self._file.readinto(buf) != len(buf):
-            raise ModelLoadError(f"{self.path} is truncated (tensor {key} ends past the end of the file)")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        assert self._map is not None, "read after close"
+        if self._populate:
+            page = start - start % mmap.PAGESIZE
+            try:
+                self._map.madvise(_MADV_POPULATE_READ, page, stop - page)
+            except OSError:  # an older kernel: the pages fault in on first use instead
+                self._populate = False
+        count = (stop - start) // dtype.itemsize
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=start).reshape(shape)
+
+    def release(self, key: str) -> None:
+        """Drop the pages that hold only `key`'s data from this process: it was copied elsewhere.
+
+        A tensor of `key` that is used again afterwards maps its pages afresh from the file: that
+        costs time, not correctness, unless it was written to (the write would be lost).
+        """
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, stop = self._span(key)
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = stop - stop % mmap.PAGESIZE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
-        self._file.close()
+        """Stop reading; the tensors already read stay valid (they keep the map alive)."""
+        self._map = None
 
 
 # (weight, bias) in the file's dtype -> a module to stand in for that nn.Linear, or None to keep it.
@@ -113,6 +158,10 @@ def _stored_names(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str,
     return stored
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def build_and_load(
     path: Path,
     config: MoondreamConfig,
@@ -136,16 +185,27 @@ def build_and_load(
     pending: dict[str, dict[str, torch.Tensor]] = {}  # a linear layer's tensors read so far
     in_flight: deque[tuple[str, dict[str, torch.Tensor], Future[nn.Module | None]]] = deque()
 
+    reader = TensorReader(path)
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        """`tensor` as the parameter or buffer `name`; the file's pages go if it was copied."""
+        state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+        if not _same_memory(state[name], tensor):
+            reader.release(stored[name])
+
     def settle(layer: str, tensors: dict[str, torch.Tensor], future: Future[nn.Module | None]) -> None:
         module = future.result()
         if module is None:  # the packer declined: an ordinary layer in `dtype`
             for part, tensor in tensors.items():
-                state[f"{layer}.{part}"] = tensor.to(device=device, dtype=dtype).contiguous()
-        else:
-            parent, _, child = layer.rpartition(".")
-            setattr(net.get_submodule(parent), child, module)
+                keep(f"{layer}.{part}", tensor)
+            return
+        parent, _, child = layer.rpartition(".")
+        setattr(net.get_submodule(parent), child, module)
+        held = [*module.parameters(), *module.buffers()]
+        for part, tensor in tensors.items():
+            if not any(_same_memory(tensor, t) for t in held):
+                reader.release(stored[f"{layer}.{part}"])
 
-    reader = TensorReader(path)
     try:
         with ThreadPoolExecutor(max(1, pack_threads)) as pool:
             for name, key in stored.items():
@@ -153,7 +213,7 @@ def build_and_load(
                 layer, _, part = name.rpartition(".")
                 linear = linears.get(layer)
                 if linear is None or pack_linear is None:
-                    state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+                    keep(name, tensor)
                     continue
                 got = pending.setdefault(layer, {})
                 got[part] = tensor
