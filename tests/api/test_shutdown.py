@@ -5,6 +5,8 @@ get 503 while it drains, and the process exits 0."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -16,13 +18,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import ollama
 import openai
 import pytest
 
+from moondream_server.api.shutdown import Drain, DrainMiddleware
 from tests.api.support import LiveServer, tiny_settings
 
 GRACE_S = 4.0
@@ -239,3 +242,75 @@ def test_an_idle_server_stops_without_waiting_for_the_grace(start_server: Callab
     srv._thread.join(20)
     assert not srv._thread.is_alive() and time.monotonic() - start < 10
     assert srv.app.state.drain.draining
+
+
+# -- the cut against an app that does not stop when cancelled (in process, ordering forced) ----
+
+CHUNK = b'data: {"chunk": "a", "completed": false}\n\n'
+APP_FINAL = b'data: {"chunk": "", "completed": true, "error": {"message": "not ready"}}\n\n'
+AppEnd = Literal["own-final-event", "bare-end", "never"]
+
+
+def _cut_stream(app_end: AppEnd) -> tuple[list[dict[str, Any]], bool]:
+    """A started SSE answer cut by ``Drain.run``, from an app that swallows the cut's cancellation
+    and then ends the stream its own way ("own-final-event": an in-band error event, as a stream
+    reports the engine stopping under it; "bare-end": the end of the body only, as sse-starlette
+    ends streams when the server exits) or never ends it (uvicorn's forced exit then cancels the
+    request). Returns the ASGI messages that reached the server, and whether the request task
+    ended by cancellation."""
+
+    async def main() -> tuple[list[dict[str, Any]], bool]:
+        drain = Drain()
+        sent: list[dict[str, Any]] = []
+        streaming = asyncio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-request-id", b"rid-7")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
+            streaming.set()
+            with contextlib.suppress(asyncio.CancelledError):  # the cut's cancellation, lost on purpose
+                await asyncio.sleep(60)
+            if app_end == "never":
+                await asyncio.sleep(60)
+            if app_end == "own-final-event":
+                await send({"type": "http.response.body", "body": APP_FINAL, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/query", "method": "POST", "headers": []}
+        request = asyncio.create_task(DrainMiddleware(app, drain)(scope, receive, send))
+        await streaming.wait()
+        await drain.run(grace_s=0.01, cut_wait_s=0.2)
+        if app_end == "never":
+            request.cancel()  # what uvicorn does once its own graceful timeout has passed
+        try:
+            await asyncio.wait_for(request, 5)
+        except asyncio.CancelledError:
+            return sent, True
+        return sent, False
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("app_end", ["own-final-event", "bare-end", "never"])
+def test_a_cut_stream_ends_with_the_cut_event_whatever_the_app_sends_after(app_end: AppEnd) -> None:
+    sent, cancelled = _cut_stream(app_end)
+    assert cancelled is (app_end == "never")
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert bodies[0]["body"] == CHUNK
+    # Exactly one end of the body, and it is the cut event: nothing the app sent after the cut
+    # (its own last event, its own end of stream) reached the client.
+    assert [m.get("more_body", False) for m in bodies] == [True, False], bodies
+    assert APP_FINAL not in [m["body"] for m in bodies]
+    raw = bodies[-1]["body"]
+    assert raw.startswith(b"data: ") and raw.endswith(b"\n\n")
+    event = json.loads(raw[6:])
+    assert event["completed"] is True and event["finish_reason"] == "shutdown"
+    assert event["error"]["type"] == "server_shutdown" and event["request_id"] == "rid-7"

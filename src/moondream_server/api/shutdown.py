@@ -6,8 +6,12 @@ request but the probes and ``/metrics`` gets 503 with ``Retry-After``, and reque
 streams included, get ``shutdown_grace_s`` to finish. Whatever still runs then is cut by
 :class:`DrainMiddleware`, which holds each request in a task of its own: a stream whose answer has
 started gets a last event that says it was cut (never a silent truncation), a request whose
-answer has not started gets 503. Then uvicorn shuts down as usual (lifespan: the engine stops)
-and the process exits 0. A second signal falls through to uvicorn's own handling (immediate).
+answer has not started gets 503. From the cut on, the middleware owns the end of the answer:
+what the app still sends is dropped, so the cut event is the last thing on the wire however the
+app's task ends (a stream's own error event when the engine stops under it, sse-starlette's
+bare end of stream at exit, uvicorn's forced cancellation after its own timeout). Then uvicorn
+shuts down as usual (lifespan: the engine stops) and the process exits 0. A second signal falls
+through to uvicorn's own handling (immediate).
 
 The cut event per stream format, chosen by the response's content type:
 
@@ -117,9 +121,15 @@ class DrainMiddleware:
 
         started: dict[str, Any] = {}
         ended = False
+        task: asyncio.Future[None] | None = None
 
         async def tracked_send(message: Message) -> None:
             nonlocal ended
+            if task in self.drain.cut:
+                # Cut: whatever the app still sends (an error event of its own when the engine
+                # stops under it, or a bare end of stream) would end the answer without saying
+                # it was cut. The answer's end is the cut event, sent below.
+                return
             if message["type"] == "http.response.start":
                 headers = {k.lower(): v for k, v in message.get("headers", [])}
                 started["content_type"] = headers.get(b"content-type", b"").decode("latin-1")
@@ -141,6 +151,8 @@ class DrainMiddleware:
                 me = asyncio.current_task()
                 if task not in self.drain.cut or (me is not None and me.cancelling()):
                     task.cancel()
+                    if task in self.drain.cut and started and not ended:
+                        await _send_cut(send, started)  # still say why the stream ends
                     raise  # cancelled from outside (uvicorn's forced exit), not cut
             if task not in self.drain.cut or ended:
                 return
@@ -154,10 +166,7 @@ class DrainMiddleware:
                 )
                 await response(scope, receive, send)
                 return
-            ctype = started["content_type"]
-            body = _cut_body(ctype, started["request_id"]) if ctype.startswith(_STREAM_TYPES) else b""
-            with contextlib.suppress(OSError):
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+            await _send_cut(send, started)
         finally:
             self.drain.running.discard(task)
             self.drain.cut.discard(task)
@@ -165,6 +174,14 @@ class DrainMiddleware:
 
 
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+
+
+async def _send_cut(send: Send, started: dict[str, Any]) -> None:
+    """End a started answer that was cut: a stream with its cut event, anything else as it is."""
+    ctype = started["content_type"]
+    body = _cut_body(ctype, started["request_id"]) if ctype.startswith(_STREAM_TYPES) else b""
+    with contextlib.suppress(OSError, RuntimeError):  # the peer left / the server closed it
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class GracefulServer(uvicorn.Server):
