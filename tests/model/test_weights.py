@@ -71,7 +71,7 @@ def test_linear_layers_are_packed_while_the_file_is_read(
     handed: list[weakref.ref[torch.Tensor]] = []
     most_alive = 0  # earlier layers' unpacked weights still referenced when a layer is packed
 
-    def packer(weight: torch.Tensor, bias: torch.Tensor | None) -> Fp16Linear | None:
+    def packer(layer: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Fp16Linear | None:
         nonlocal most_alive
         events.append("pack")
         most_alive = max(most_alive, sum(ref() is not None for ref in handed))
@@ -125,7 +125,8 @@ def test_packed_layers_leave_no_file_pages_behind(
 ) -> None:
     path = tmp_path / "model.safetensors"
     path.write_bytes((random_folder / "model.safetensors").read_bytes())
-    net = build_and_load(path, tiny_config, torch.device("cpu"), torch.bfloat16, pack_fp16, pack_threads=2)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    net = build_and_load(path, tiny_config, cpu, bf16, lambda _, w, b: pack_fp16(w, b), pack_threads=2)
     packed = [m for m in net.modules() if isinstance(m, Fp16Linear)]
     assert packed
     kept = sum(p.numel() * p.element_size() for p in net.parameters())  # the unpacked tensors

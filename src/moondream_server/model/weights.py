@@ -124,8 +124,9 @@ class TensorReader:
         self._map = None
 
 
-# (weight, bias) in the file's dtype -> a module to stand in for that nn.Linear, or None to keep it.
-LinearPacker = Callable[[torch.Tensor, torch.Tensor | None], nn.Module | None]
+# (layer name, weight, bias in the file's dtype) -> a module to stand in for that nn.Linear, or
+# None to keep it.
+LinearPacker = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None]
 
 
 def _stored_names(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, str]:
@@ -220,7 +221,7 @@ def build_and_load(
                 if "weight" not in got or (linear.bias is not None and "bias" not in got):
                     continue
                 del pending[layer]
-                future = pool.submit(pack_linear, got["weight"], got.get("bias"))
+                future = pool.submit(pack_linear, layer, got["weight"], got.get("bias"))
                 in_flight.append((layer, got, future))
                 while len(in_flight) > 2 * max(1, pack_threads):
                     settle(*in_flight.popleft())
