@@ -91,7 +91,12 @@ class ServerProcess:
 
     @property
     def rss(self) -> int:
-        return int(self.process.memory_info().rss)
+        """Resident anonymous memory (Linux: RssAnon), where what a request leaves behind lives
+        (heap, Pillow's blocks, tensors). File-backed pages (libraries, mapped weights) are left
+        out: on a shared machine the page cache evicts and refaults them with other processes'
+        memory pressure, which says nothing about this server."""
+        info = self.process.memory_info()
+        return int(info.rss - info.shared)
 
     def alive(self) -> bool:
         return self._proc.poll() is None
