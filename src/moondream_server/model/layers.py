@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -45,19 +47,32 @@ class FusedGeluMLP(MLP):
 def fused_gelu_works(dtype: torch.dtype) -> bool:
     """Whether this PyTorch build has oneDNN's fused linear + GELU for `dtype`, and it computes
     what the unfused layer computes (to a few roundings of `dtype`)."""
+    return _gelu_product_is_right(
+        lambda x, w, b: torch.ops.mkldnn._linear_pointwise(
+            x, w.to(x.dtype), b.to(x.dtype), "gelu", [], "tanh"
+        ),
+        dtype,
+    )
+
+
+def _gelu_product_is_right(
+    product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], dtype: torch.dtype
+) -> bool:
+    """Load-time self-check of a private kernel: GELU(x @ w.T + b) for x in `dtype` (w, b in
+    float32) lands near the float64 product, and the kernel exists in this build."""
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return False
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 64, generator=gen).to(dtype)
-    w = (torch.randn(96, 64, generator=gen) / 8).to(dtype)
-    b = torch.randn(96, generator=gen).to(dtype)
+    x = torch.randn(2, 40, 64, generator=gen).to(dtype)
+    w = torch.randn(96, 64, generator=gen) / 8
+    b = torch.randn(96, generator=gen)
     try:
         with torch.inference_mode():
-            fused = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
+            y = product(x, w, b)
     except (RuntimeError, NotImplementedError):
         return False
     exact = F.gelu(F.linear(x.double(), w.double(), b.double()), approximate="tanh")
-    return fused.shape == exact.shape and bool((fused.double() - exact).abs().max() < 0.1)
+    return y.shape == exact.shape and bool((y.double() - exact).abs().max() < 0.1)
 
 
 def use_fused_gelu(modules: list[nn.Module]) -> int:
@@ -258,19 +273,9 @@ class Int8ComputeLinear(nn.Module):
 def int8_compute_works(dtype: torch.dtype) -> bool:
     """Whether oneDNN's int8 GEMM runs in this build and lands near the float product with
     output in `dtype` (with torch 2.13 only bf16 does: float32 outputs come back wrong)."""
-    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
-        return False
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(96, 64, generator=gen) / 8
-    b = torch.randn(96, generator=gen)
-    x = torch.randn(2, 40, 64, generator=gen).to(dtype)
-    try:
-        with torch.inference_mode():
-            y = Int8ComputeLinear(Int8Linear(w, b, dtype))(x, "gelu")
-    except (RuntimeError, NotImplementedError):
-        return False
-    exact = F.gelu(F.linear(x.double(), w.double(), b.double()), approximate="tanh")
-    return y.shape == exact.shape and bool((y.double() - exact).abs().max() < 0.1)
+    return _gelu_product_is_right(
+        lambda x, w, b: Int8ComputeLinear(Int8Linear(w, b, x.dtype))(x, "gelu"), dtype
+    )
 
 
 def use_int8_compute(modules: list[nn.Module]) -> int:
