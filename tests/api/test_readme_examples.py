@@ -57,7 +57,11 @@ def test_every_surface_has_an_example() -> None:
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_readme_example_runs(name: str, server: LiveServer, tmp_path: Path) -> None:
     out = run_example(EXAMPLES[name], server, tmp_path)
-    assert out.strip()
+    # The example ran (exit 0, checked above) and printed the answer. Not `out.strip()`: chat()
+    # and Ollama sample by default, and on the random tiny model a sampled answer is sometimes
+    # only whitespace (seen once in ~12 chat() calls); the answers' content is checked greedily
+    # in the surfaces' own tests.
+    assert out
 
 
 def test_the_openai_example_prints_the_models_answer(
