@@ -40,7 +40,7 @@ from moondream_server.engine.types import (
     TextStream,
 )
 from moondream_server.model.decoding import Program, TaskResult
-from moondream_server.model.seam import E, LoadedModel, ModelRuntime, OnText, P, S
+from moondream_server.model.seam import CPU_VISION_CROPS, E, LoadedModel, ModelRuntime, OnText, P, S
 from moondream_server.model.tasks import CaptionTask, QueryTask, RegionTask, Task
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class BatchedEngine(Generic[S, E, P]):
             images_per_job = self._max_images_per_step or (4 if gpu else 1)
             # On a GPU a job's images go through the encoder in one pass (Moondream2: 4 images of
             # up to 13 crops), not two: a second, small pass costs its launches for little work.
-            vision_crops = self._max_vision_crops or (64 if gpu else 4)
+            vision_crops = self._max_vision_crops or (64 if gpu else CPU_VISION_CROPS)
             # On a CPU an encoder chunk or an image prefill takes many seconds: running decodes
             # get the cores for a while between them instead of waiting on every step.
             decode_first = self._decode_first_s

@@ -25,7 +25,7 @@ from moondream_server.model.net import MoondreamNet
 from moondream_server.model.params import CaptionLength, TextSettings
 from moondream_server.model.params import spatial_refs as parse_spatial_refs
 from moondream_server.model.precision import Precision
-from moondream_server.model.seam import OnText
+from moondream_server.model.seam import CPU_VISION_CROPS, OnText
 from moondream_server.model.tasks import CaptionTask, QueryTask, RegionSkill, RegionTask, Task
 from moondream_server.model.text import SeqSlice
 from moondream_server.model.tiling import Crops, Resampler, default_resampler, overlap_crops
@@ -101,13 +101,12 @@ class Moondream:
     @property
     def _solo(self) -> MoondreamRuntime:
         """The dict API's runtime, built on first use: one request at a time, every crop of an
-        image in one encoder pass on a GPU and four at a time on a CPU (as the engine does; a
-        640x480 image's 9 crops encode ~5% faster in passes of 2-4 than in one on a Zen 4, whose
-        caches hold a smaller pass's activations); with decode graphs, one sequence's pooled slot."""
+        image in one encoder pass on a GPU and ``CPU_VISION_CROPS`` at a time on a CPU (as the
+        engine does); with decode graphs, one sequence's pooled slot for them."""
         graphs = self.decode_graphs if self.decode_graphs is not None else self.device.type == "cuda"
         if self._solo_runtime is None or (self._solo_runtime.decode_graphs is not None) != graphs:
             self._solo_runtime = self.runtime(
-                max_vision_crops=self.config.vision.max_crops + 1 if self.device.type != "cpu" else 4,
+                max_vision_crops=self.config.vision.max_crops + 1 if self.on_gpu else CPU_VISION_CROPS,
                 kv_pool_slots=1 if graphs else 0,
                 decode_graphs=graphs,
             )
