@@ -42,19 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("encode", "caption", "detect")
 
 
-def _peak_rss_mb() -> float:
-    """VmHWM: the process's peak resident set so far."""
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MiB: VmHWM (peak resident set so far), VmRSS (now)."""
     with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -168,8 +160,8 @@ def worker(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t
     info: dict[str, Any] = {
         "load_s": load_s,
-        "load_peak_rss_mb": _peak_rss_mb(),
-        "rss_after_load_mb": _rss_mb(),
+        "load_peak_rss_mb": _status_mb("VmHWM"),
+        "rss_after_load_mb": _status_mb("VmRSS"),
     }
     info["threads"] = torch.get_num_threads()
     if isinstance(side, OurSide):
