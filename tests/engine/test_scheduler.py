@@ -43,6 +43,17 @@ def drain(s: Scheduler, limit: int = 500) -> int:
     return n
 
 
+def slow_steps(rt: FakeRuntime, clock: FakeClock, seconds: float) -> None:
+    """Make every forward step of `rt` take `seconds` of (fake) time."""
+    forward = rt.forward
+
+    def slow_forward(items: Any) -> Any:
+        clock.now += seconds
+        return forward(items)
+
+    rt.forward = slow_forward  # type: ignore[method-assign]
+
+
 def markers(step: list[tuple[str, int]]) -> list[str]:
     return [m for m, _ in step]
 
@@ -552,13 +563,7 @@ def test_unexpected_error_in_an_iteration_fails_active_requests_and_the_thread_g
 
 def test_retry_after_follows_how_long_requests_hold_a_slot() -> None:
     s, rt, clock = make(max_batch_size=2, max_queue=4)
-    forward = rt.forward
-
-    def slow_forward(items: Any) -> Any:  # every step takes 5 s of (fake) time
-        clock.now += 5.0
-        return forward(items)
-
-    rt.forward = slow_forward  # type: ignore[method-assign]
+    slow_steps(rt, clock, 5.0)
     for i in (1, 2):
         s.submit(req(counting_program(i, prompt=1, tokens=1)))
     drain(s)  # each held its slot for 2 steps = 10 s
@@ -588,13 +593,7 @@ def test_retry_after_before_anything_finished_is_the_running_requests_age() -> N
 
 def test_retry_after_never_exceeds_the_waiting_requests_deadlines() -> None:
     s, rt, clock = make(max_batch_size=1, max_queue=2)
-    forward = rt.forward
-
-    def slow_forward(items: Any) -> Any:  # every step takes 100 s of (fake) time
-        clock.now += 100.0
-        return forward(items)
-
-    rt.forward = slow_forward  # type: ignore[method-assign]
+    slow_steps(rt, clock, 100.0)
     s.submit(req(counting_program(1, prompt=1, tokens=1)))
     drain(s)  # a slot is held ~200 s
     s.submit(req(counting_program(2, prompt=1, tokens=50)))
@@ -625,13 +624,7 @@ def test_a_reserved_place_counts_as_waiting_until_used_or_given_back() -> None:
 
 def test_retry_after_follows_the_measured_gaps_between_admissions() -> None:
     s, rt, clock = make(max_batch_size=1, max_queue=3)
-    forward = rt.forward
-
-    def slow_forward(items: Any) -> Any:  # every step takes 2 s of (fake) time
-        clock.now += 2.0
-        return forward(items)
-
-    rt.forward = slow_forward  # type: ignore[method-assign]
+    slow_steps(rt, clock, 2.0)
     first = [req(counting_program(i, prompt=1, tokens=1)) for i in range(4)]
     for r in first:  # one runs, three wait
         s.submit(r)
