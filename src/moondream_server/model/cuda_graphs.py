@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torch.nn.attention import sdpa_kernel
 
 from moondream_server.model.kv_cache import KVCache, KVPool
-from moondream_server.model.text import _GPU_ATTENTION, ROTARY_DIM, TextBlock, TextModel
+from moondream_server.model.text import _GPU_ATTENTION, ROTARY_DIM, TextAttention, TextBlock, TextModel
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,9 @@ class DecodeGraphs:
                 assert isinstance(block, TextBlock)
                 h = block.ln(x)
                 attn = block.attn
-                hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
-                qkv = attn.qkv(h)
-                qk = qkv[:, : (nh + nkv) * hd].view(b, nh + nkv, hd)
-                _rotate_in_place(qk, cos, sin)  # queries and keys together
-                v = qkv[:, (nh + nkv) * hd :].view(b, nkv, hd)
-                o = attend(layer, qk[:, :nh], qk[:, nh:], v)  # [b, nh, hd]
-                x = x + attn.proj(o.reshape(b, nh * hd)) + block.mlp(h)
+                q, k, v = _rotated_qkv(attn, h, cos, sin)
+                o = attend(layer, q, k, v)  # [b, nh, hd]
+                x = x + attn.proj(o.reshape(b, attn.n_heads * attn.head_dim)) + block.mlp(h)
         self._hidden[:b].copy_(x)
         self._logits[:b].copy_(text.logits(x).float())
 
@@ -246,6 +242,18 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             self._run(b, span)
         self._graphs[(b, span)] = graph
+
+
+def _rotated_qkv(
+    attn: TextAttention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys (rotated together, in place in the projection's output) and values of the
+    rows `h`, as views [rows, heads, head_dim]."""
+    hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
+    qkv = attn.qkv(h)
+    qk = qkv[:, : (nh + nkv) * hd].view(h.shape[0], nh + nkv, hd)
+    _rotate_in_place(qk, cos, sin)
+    return qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd :].view(h.shape[0], nkv, hd)
 
 
 def _rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -371,10 +379,7 @@ class PrefixGraph:
                 h = block.ln(x)
                 attn = block.attn
                 hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
-                qkv = attn.qkv(h)
-                qk = qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd)
-                _rotate_in_place(qk, cos, sin)
-                k, v = qk[:, nh:], qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+                q, k, v = _rotated_qkv(attn, h, cos, sin)
                 keys, values = self.pool.k_packed[layer], self.pool.v_packed[layer]  # [slots, ctx, h, hd]
                 keys[self._slot, :n] = k[None]
                 values[self._slot, :n] = v[None]
@@ -382,7 +387,7 @@ class PrefixGraph:
                     break  # nothing reads the last block's output: no request wants it
                 # 4-D, batch of one (the CPU's fused kernel needs it); every position sees all.
                 o = F.scaled_dot_product_attention(
-                    qk[None, :, :nh].transpose(1, 2),
+                    q[None].transpose(1, 2),
                     k[None].transpose(1, 2),
                     v[None].transpose(1, 2),
                     enable_gqa=nh != nkv,
