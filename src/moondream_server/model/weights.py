@@ -16,12 +16,13 @@ pages (a Hub download writes a new file and renames it, which is safe).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,24 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+@contextlib.contextmanager
+def _intra_op_threads(count: int | None) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to `count` for the block (None: left as it is).
+
+    The loader packs layers on threads of its own; each op inside also spreading over every
+    core only makes the threads wait for each other (quantizing: 0.86-1.1 ns per weight with
+    both levels against 0.63 with one, Zen 4, two cores).
+    """
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)
+
+
 def build_and_load(
     path: Path,
     config: MoondreamConfig,
@@ -208,7 +227,7 @@ def build_and_load(
                 reader.release(stored[f"{layer}.{part}"])
 
     try:
-        with ThreadPoolExecutor(max(1, pack_threads)) as pool:
+        with ThreadPoolExecutor(max(1, pack_threads)) as pool, _intra_op_threads(1 if pack_linear else None):
             for name, key in stored.items():
                 tensor = reader.read(key)
                 layer, _, part = name.rpartition(".")
