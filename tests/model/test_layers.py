@@ -18,6 +18,7 @@ from moondream_server.model.layers import (
     Int8Linear,
     fused_gelu_works,
     int8_compute_works,
+    int8_rows_work,
     use_fused_gelu,
 )
 
@@ -121,9 +122,44 @@ def test_int8_load_computes_the_vision_encoder_in_int8_only_with_vnni(
     vision = {type(m) for m in model.net.vision.modules() if isinstance(m, Int8Linear | Int8ComputeLinear)}
     assert vision == ({Int8ComputeLinear} if on else {Int8Linear})
     assert type(model.net.vision.blocks[0].mlp) is (FusedGeluMLP if on else MLP)
-    text = {type(m) for m in model.net.text.modules() if isinstance(m, Int8Linear | Int8ComputeLinear)}
-    assert text == {Int8Linear}  # decode keeps the int8-weight kernel
+    text = [m for m in model.net.text.modules() if isinstance(m, Int8Linear | Int8ComputeLinear)]
+    assert {type(m) for m in text} == {Int8Linear}  # decode keeps the int8-weight kernel
+    rows_on = vnni and int8_rows_work()
+    assert {m.int8_rows for m in text if isinstance(m, Int8Linear)} == {rows_on}
     assert model.precision is not None and ("vision encoder in int8" in model.precision.reason) == on
+    assert ("prefill in int8" in model.precision.reason) == rows_on
     with torch.inference_mode():
         emb = model.embed_image(Image.new("RGB", (300, 200), (90, 160, 30)))
     assert torch.isfinite(emb.float()).all()
+
+
+int8_rows = pytest.mark.skipif(not int8_rows_work(), reason="no CPU int8 matrix product here")
+
+
+@int8_rows
+def test_int8_row_product_is_close_to_the_float_layer_and_leaves_its_input_alone() -> None:
+    torch.manual_seed(4)
+    w, b = torch.randn(96, 64) / 8, torch.randn(96) / 4
+    x = torch.randn(40, 64)  # past DIRECT_ROWS: the int8 x int8 product, not the int8-weight kernel
+    exact = F.linear(x.double(), w.double(), b.double())
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = Int8Linear(w, b, dtype, int8_rows=True)
+        before = x.to(dtype)
+        given = before.clone()
+        with torch.inference_mode():
+            got = layer(given)
+        assert torch.equal(given, before)
+        assert got.dtype == dtype and got.shape == (40, 96)
+        assert (got.double() - exact).abs().max().item() < 0.04 * exact.abs().max().item()
+
+
+@int8_rows
+def test_int8_row_product_quantizes_each_token_on_its_own() -> None:
+    """A token's result must not depend on the other sequences packed beside it (one scale per row)."""
+    torch.manual_seed(5)
+    layer = Int8Linear(torch.randn(32, 16), torch.randn(32), torch.bfloat16, int8_rows=True)
+    quiet, loud = torch.randn(20, 16), 100 * torch.randn(20, 16)
+    with torch.inference_mode():
+        alone = layer(quiet.to(torch.bfloat16))
+        packed = layer(torch.cat([quiet, loud]).to(torch.bfloat16))
+    assert torch.equal(packed[:20], alone)

@@ -18,6 +18,7 @@ from moondream_server.model.layers import (
     Int8ComputeLinear,
     fused_gelu_works,
     int8_compute_works,
+    int8_rows_work,
     pack_fp16,
     pack_int8,
     use_fused_gelu,
@@ -129,16 +130,18 @@ def load(
     pack = dev.type == "cpu" and dt == torch.float32 and cpu_weights != "float32" and _has_fbgemm()
     # Each linear layer is packed as it is read, so the unpacked weights never pile up.
     packer: LinearPacker | None = None
-    int8_vision = quantize == "int8" and cpu_has_int8_dot() and int8_compute_works(dt)
+    int8_dot = quantize == "int8" and cpu_has_int8_dot()
+    int8_vision = int8_dot and int8_compute_works(dt)
+    int8_rows = int8_dot and int8_rows_work()
     if quantize == "int8":
-        packer = functools.partial(_pack_int8, compute_dtype=dt, int8_vision=int8_vision)
+        packer = functools.partial(_pack_int8, compute_dtype=dt, int8_vision=int8_vision, int8_rows=int8_rows)
     elif pack:
         exact_only = cpu_weights == "auto"
         packer = lambda _, weight, bias: pack_fp16(weight, bias, exact_only=exact_only)  # noqa: E731
     net = build_and_load(
         files.weights, config, dev, dt, pack_linear=packer, pack_threads=torch.get_num_threads()
     )
-    precision = _choose_kernels(net, dev, dt, quantize, pack, int8_vision)
+    precision = _choose_kernels(net, dev, dt, quantize, pack, int8_vision, int8_rows)
     if dev.type == "cpu":
         release_free_heap()
     try:
@@ -157,13 +160,16 @@ def _pack_int8(
     *,
     compute_dtype: torch.dtype,
     int8_vision: bool,
+    int8_rows: bool,
 ) -> nn.Module:
-    """An int8 layer; in the vision encoder, repacked for int8 arithmetic where that was chosen.
+    """An int8 layer; in the vision encoder, repacked for int8 arithmetic where that was chosen;
+    elsewhere multiplying many-row inputs in int8 where ``int8_rows`` was chosen.
 
     Repacking here, on the loader's threads beside the other layers' quantization, instead of
     after loading, spreads oneDNN's repacking (~5 ns per weight) over every core."""
-    quantized = pack_int8(weight, bias, compute_dtype=compute_dtype)
-    return Int8ComputeLinear(quantized) if int8_vision and layer.startswith("vision.") else quantized
+    if int8_vision and layer.startswith("vision."):
+        return Int8ComputeLinear(pack_int8(weight, bias, compute_dtype=compute_dtype))
+    return pack_int8(weight, bias, compute_dtype=compute_dtype, int8_rows=int8_rows)
 
 
 def _choose_kernels(
@@ -173,6 +179,7 @@ def _choose_kernels(
     quantize: str,
     fp16_packed: bool,
     int8_vision: bool,
+    int8_rows: bool,
 ) -> Precision:
     """Settle the one-row (decode) kernel, measuring where the CPU's features do not decide it."""
     name = str(dtype).removeprefix("torch.")
@@ -184,7 +191,11 @@ def _choose_kernels(
             use_int8_compute([net.vision])  # done while loading; this catches any layer left
             use_fused_gelu([net.vision])
             vision = "vision encoder in int8 (oneDNN, VNNI)"
-        return Precision(name, "int8 per channel", "_weight_int8pack_mm", f"quantize=int8; {vision}")
+        prefill = f"prefill in {name} on widened weights"
+        if int8_rows:
+            prefill = "prefill in int8 (one scale per token)"
+        why = f"quantize=int8; {vision}; {prefill}"
+        return Precision(name, "int8 per channel", "_weight_int8pack_mm", why)
     if fp16_packed:
         return Precision(name, "float16 where lossless", "fbgemm fp16", "float32 compute, fp16 weights")
     if dtype != torch.bfloat16:
