@@ -56,6 +56,41 @@ def test_prefix_is_bidirectional_and_the_rest_causal(random_model: Moondream) ->
     torch.testing.assert_close(out[0][:5], out[2][:5])  # nobody before 5 sees position 5
 
 
+def test_a_prefill_wholly_inside_the_prefix_needs_no_mask(random_model: Moondream) -> None:
+    """Six prefix positions fed alone (no mask) give what they give with a causal token after them."""
+    text = random_model.net.text
+    x = torch.randn(7, text.config.dim, generator=torch.Generator().manual_seed(2))
+    cache = text.new_cache()
+    assert text_module._attention_mask(SeqSlice(cache, 6, prefix=6), x.device) is None
+    alone = text(x[:6], [SeqSlice(cache, 6, prefix=6)])
+    with_tail = text(x, [SeqSlice(text.new_cache(), 7, prefix=6)])
+    torch.testing.assert_close(alone, with_tail[:6], rtol=1e-5, atol=1e-5)
+    first = text(x[:6], [SeqSlice(text.new_cache(), 6, prefix=3)])
+    assert not torch.allclose(first[0], alone[0])  # the prefix decides who sees whom
+
+
+def test_forward_for_chosen_rows_only(random_model: Moondream) -> None:
+    """Asking for some rows gives exactly those rows, and writes every row's keys and values."""
+    text = random_model.net.text
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, text.config.dim, generator=gen)
+
+    def run(rows: list[int] | None) -> tuple[torch.Tensor, list[KVCache]]:
+        caches = [text.new_cache(), text.new_cache()]
+        out = text(x, [SeqSlice(caches[0], 6, prefix=4), SeqSlice(caches[1], 3)], rows)
+        return out, caches
+
+    full, full_caches = run(None)
+    for rows in ([5, 8], [8], []):
+        got, caches = run(rows)
+        assert got.shape == (len(rows), text.config.dim)
+        torch.testing.assert_close(got, full[rows], rtol=1e-5, atol=1e-5)
+        for c, f in zip(caches, full_caches, strict=True):
+            assert c.length == f.length
+            torch.testing.assert_close(c.k[:, :, : c.length], f.k[:, :, : f.length])
+            torch.testing.assert_close(c.v[:, :, : c.length], f.v[:, :, : f.length])
+
+
 def test_cache_growth_keeps_contents() -> None:
     cache = KVCache(2, 1, 4, 2048, capacity=3)
     cache.k[:, :, :3] = torch.arange(24, dtype=torch.float32).view(2, 1, 3, 4)

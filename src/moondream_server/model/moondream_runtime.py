@@ -231,17 +231,16 @@ class MoondreamRuntime:
     def _forward_eager(self, items: Sequence[StepItem[ModelSeq]]) -> list[StepOutput | None]:
         x = torch.cat([it.x for it in items]) if len(items) > 1 else items[0].x
         seqs = [SeqSlice(it.seq.cache, it.x.shape[0], prefix=it.seq.prefix) for it in items]
-        hidden = self.text(x, seqs)
-        self.forward_calls += 1
         rows: list[int] = []
         end = 0
         for it in items:
             end += it.x.shape[0]
             if it.want_output:
                 rows.append(end - 1)
+        last = self.text(x, seqs, rows)  # the last position of each sequence that wants output
+        self.forward_calls += 1
         outputs: list[StepOutput | None] = [None] * len(items)
         if rows:
-            last = hidden[rows]
             logits = self.text.logits(last).float()
             k = 0
             for i, it in enumerate(items):

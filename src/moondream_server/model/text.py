@@ -125,10 +125,16 @@ class TextModel(nn.Module):
         """LM head on raw hidden states [..., dim] -> [..., vocab]."""
         return self.lm_head(self.post_ln(hidden))  # type: ignore[no-any-return]
 
-    def forward(self, x: torch.Tensor, seqs: Sequence[SeqSlice]) -> torch.Tensor:
-        """Packed embeddings [T, dim] -> raw last-block hidden states [T, dim].
+    def forward(
+        self, x: torch.Tensor, seqs: Sequence[SeqSlice], rows: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Packed embeddings [T, dim] -> raw last-block hidden states [T, dim], or [len(rows), dim]
+        for just those rows of the packed input.
 
-        Writes each sequence's keys/values at its positions and advances its cache length.
+        Writes each sequence's keys/values at its positions and advances its cache length. With
+        ``rows``, the last block's output projection and MLP run on those rows alone: the other
+        rows' keys and values are all a later step reads (an image prefill needs no row at all,
+        which saves ~3 % of its work).
         """
         if sum(s.length for s in seqs) != x.shape[0]:
             raise ValueError("packed input length does not match the sequence slices")
@@ -140,11 +146,18 @@ class TextModel(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, 16] float32
         masks = [_attention_mask(s, x.device) for s in seqs]
         pooled = _PooledDecode.build(seqs, masks, self.config.n_heads, x)
+        last = len(self.blocks) - 1
+        keep = None if rows is None else torch.tensor(list(rows), dtype=torch.long, device=x.device)
         with sdpa_kernel(_GPU_ATTENTION) if x.is_cuda else contextlib.nullcontext():
             for layer, block in enumerate(self.blocks):
                 assert isinstance(block, TextBlock)
                 h = block.ln(x)
-                attn = self._attention(block.attn, h, layer, seqs, masks, cos, sin, pooled)
+                only = keep if layer == last else None
+                attn = self._attention(block.attn, h, layer, seqs, masks, cos, sin, pooled, only)
+                if only is not None:
+                    x, h = x[only], h[only]
+                    if not len(only):
+                        break
                 x = x + attn + block.mlp(h)
         for s in seqs:
             s.cache.length += s.length
@@ -160,7 +173,10 @@ class TextModel(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         pooled: _PooledDecode | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The attention sublayer's output for every row of ``h``, or for ``rows`` only (the keys
+        and values of every row are written either way); empty for no rows."""
         t = h.shape[0]
         hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
         q, k, v = attn.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -194,7 +210,12 @@ class TextModel(nn.Module):
             )
             out[offset : offset + s.length] = o[0].transpose(0, 1)
             offset += s.length
-        return attn.proj(out.view(t, nh * hd))  # type: ignore[no-any-return]
+        flat = out.view(t, nh * hd)
+        if rows is not None:
+            if not len(rows):
+                return flat[:0]
+            flat = flat[rows]
+        return attn.proj(flat)  # type: ignore[no-any-return]
 
 
 class _PooledDecode:
@@ -282,6 +303,10 @@ def _attention_mask(s: SeqSlice, device: torch.device) -> torch.Tensor | None:
     end = start + s.length
     if s.length == 1 and not (start < s.prefix):
         return None  # one new token sees everything before it
+    if end <= s.prefix:
+        # Wholly inside the bidirectional prefix (the image): every position sees every other.
+        # No mask at all, because the CPU's fused kernel adds even an all-true mask to every block.
+        return None
     rows = torch.arange(start, end, device=device)[:, None]
     cols = torch.arange(end, device=device)[None, :]
     mask = cols <= rows
