@@ -17,7 +17,8 @@ by every text weight and is bound by how fast the weights stream from memory.
   exact for the official bf16 checkpoint): half the bytes per decode step.
 * ``quantize="int8"`` holds linear weights as int8 with one scale per output channel (see
   ``layers.Int8Linear``). Where the CPU has int8 dot products (VNNI, AMX) the vision encoder
-  also computes in int8 (``layers.Int8ComputeLinear``); elsewhere its weights are widened to
+  also computes in int8 (``layers.Int8ComputeLinear``), and so do prompt and image prefills
+  (``torch._int_mm``, one activation scale per token); elsewhere those weights are widened to
   the compute dtype for each call.
 """
 
