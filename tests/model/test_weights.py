@@ -134,3 +134,23 @@ def test_packed_layers_leave_no_file_pages_behind(
     assert linear_bytes > kept  # the bound below would catch keeping the packed weights
     pages = 2 * len(list(net.parameters())) * 4  # KiB: a page at each end of a tensor
     assert _mapped_kib(path) <= kept // 1024 + pages
+
+
+def test_packing_runs_with_one_intra_op_thread_and_restores_the_count(
+    random_folder: Path, tiny_config: MoondreamConfig
+) -> None:
+    """The loader's own threads pack; ops inside them must not also fan out over every core."""
+    seen: set[int] = set()
+
+    def packer(layer: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Fp16Linear | None:
+        seen.add(torch.get_num_threads())
+        if layer.endswith("lm_head"):
+            raise RuntimeError("a packer that fails")
+        return pack_fp16(weight, bias)
+
+    before = torch.get_num_threads()
+    path = random_folder / "model.safetensors"
+    with pytest.raises(RuntimeError, match="a packer that fails"):
+        build_and_load(path, tiny_config, torch.device("cpu"), torch.float32, packer, pack_threads=2)
+    assert seen == {1}
+    assert torch.get_num_threads() == before  # restored although packing failed
