@@ -163,3 +163,25 @@ def test_int8_row_product_quantizes_each_token_on_its_own() -> None:
         alone = layer(quiet.to(torch.bfloat16))
         packed = layer(torch.cat([quiet, loud]).to(torch.bfloat16))
     assert torch.equal(packed[:20], alone)
+
+
+@int8_rows
+def test_int8_prefills_give_each_sequence_what_it_gets_alone(random_folder: Path) -> None:
+    """The engine packs several prompts into one forward: with int8 prefills each keeps its own
+    activation scales, so its keys, values and output do not depend on its neighbours."""
+    from moondream_server.model.text import SeqSlice
+
+    model = load(random_folder, device="cpu", dtype="bfloat16", quantize="int8")
+    text = model.net.text
+    assert all(m.int8_rows for m in text.modules() if isinstance(m, Int8Linear))
+    gen = torch.Generator().manual_seed(6)
+    quiet = torch.randn(20, text.config.dim, generator=gen).to(torch.bfloat16)
+    loud = (50 * torch.randn(30, text.config.dim, generator=gen)).to(torch.bfloat16)
+    with torch.inference_mode():
+        alone_cache = text.new_cache()
+        alone = text(quiet, [SeqSlice(alone_cache, 20, prefix=8)])
+        caches = [text.new_cache(), text.new_cache()]
+        packed = text(torch.cat([quiet, loud]), [SeqSlice(caches[0], 20, prefix=8), SeqSlice(caches[1], 30)])
+    assert torch.equal(packed[:20], alone)
+    assert torch.equal(caches[0].k[:, :, :20], alone_cache.k[:, :, :20])
+    assert torch.equal(caches[0].v[:, :, :20], alone_cache.v[:, :, :20])
