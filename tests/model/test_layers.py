@@ -185,3 +185,20 @@ def test_int8_prefills_give_each_sequence_what_it_gets_alone(random_folder: Path
     assert torch.equal(packed[:20], alone)
     assert torch.equal(caches[0].k[:, :, :20], alone_cache.k[:, :, :20])
     assert torch.equal(caches[0].v[:, :, :20], alone_cache.v[:, :, :20])
+
+
+@int8_rows
+def test_a_lone_decode_row_takes_the_int8_product_too() -> None:
+    """One row (a decode step) is multiplied in int8 like a prefill row: the same answer as that
+    row inside a long prefill, where the int8-weight kernel (bf16 activations) would differ."""
+    torch.manual_seed(7)
+    w, b = torch.randn(96, 64) / 8, torch.randn(96) / 4
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    layer = Int8Linear(w, b, torch.bfloat16, int8_rows=True)
+    weight_only = Int8Linear(w, b, torch.bfloat16)
+    with torch.inference_mode():
+        long = layer(x)
+        lone = layer(x[5:6])
+        widened = weight_only(x[5:6])
+    assert torch.equal(lone, long[5:6])
+    assert not torch.equal(widened, long[5:6])

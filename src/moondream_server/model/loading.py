@@ -192,10 +192,12 @@ def _choose_kernels(
             use_fused_gelu([net.vision])
             vision = "vision encoder in int8 (oneDNN, VNNI)"
         prefill = f"prefill in {name} on widened weights"
+        decode = "_weight_int8pack_mm"
         if int8_rows:
             prefill = "prefill in int8 (one scale per token)"
+            decode = "int8 x int8 (_int_mm) for one row, _weight_int8pack_mm for 2-16"
         why = f"quantize=int8; {vision}; {prefill}"
-        return Precision(name, "int8 per channel", "_weight_int8pack_mm", why)
+        return Precision(name, "int8 per channel", decode, why)
     if fp16_packed:
         return Precision(name, "float16 where lossless", "fbgemm fp16", "float32 compute, fp16 weights")
     if dtype != torch.bfloat16:
