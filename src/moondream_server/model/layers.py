@@ -47,7 +47,7 @@ class FusedGeluMLP(MLP):
 def fused_gelu_works(dtype: torch.dtype) -> bool:
     """Whether this PyTorch build has oneDNN's fused linear + GELU for `dtype`, and it computes
     what the unfused layer computes (to a few roundings of `dtype`)."""
-    return _gelu_product_is_right(
+    return _onednn_available() and _product_is_right(
         lambda x, w, b: torch.ops.mkldnn._linear_pointwise(
             x, w.to(x.dtype), b.to(x.dtype), "gelu", [], "tanh"
         ),
@@ -55,13 +55,17 @@ def fused_gelu_works(dtype: torch.dtype) -> bool:
     )
 
 
-def _gelu_product_is_right(
-    product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], dtype: torch.dtype
+def _onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+
+
+def _product_is_right(
+    product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    gelu: bool = True,
 ) -> bool:
-    """Load-time self-check of a private kernel: GELU(x @ w.T + b) for x in `dtype` (w, b in
-    float32) lands near the float64 product, and the kernel exists in this build."""
-    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
-        return False
+    """Load-time self-check of a private kernel: x @ w.T + b (then GELU, with `gelu`) for x in
+    `dtype` (w, b in float32) lands near the float64 product, and the kernel exists in this build."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 64, generator=gen).to(dtype)
     w = torch.randn(96, 64, generator=gen) / 8
@@ -71,7 +75,9 @@ def _gelu_product_is_right(
             y = product(x, w, b)
     except (RuntimeError, NotImplementedError):
         return False
-    exact = F.gelu(F.linear(x.double(), w.double(), b.double()), approximate="tanh")
+    exact = F.linear(x.double(), w.double(), b.double())
+    if gelu:
+        exact = F.gelu(exact, approximate="tanh")
     return y.shape == exact.shape and bool((y.double() - exact).abs().max() < 0.1)
 
 
@@ -233,18 +239,9 @@ def _int8_row_product(
 def int8_rows_work() -> bool:
     """Whether this PyTorch build multiplies int8 matrices on the CPU (``torch._int_mm``) and the
     row-quantized product lands near the float one."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 64, generator=gen)
-    w = torch.randn(96, 64, generator=gen) / 8
-    b = torch.randn(96, generator=gen)
-    layer = Int8Linear(w, b, torch.float32, int8_rows=True)
-    try:
-        with torch.inference_mode():
-            y = layer(x)
-    except (RuntimeError, NotImplementedError):
-        return False
-    exact = F.linear(x.double(), w.double(), b.double())
-    return y.shape == exact.shape and bool((y.double() - exact).abs().max() < 0.1)
+    return _product_is_right(
+        lambda x, w, b: Int8Linear(w, b, x.dtype, int8_rows=True)(x), torch.float32, gelu=False
+    )
 
 
 # Elements quantized per pass: the float32 work block (1 MiB) stays in a core's cache (whole-layer
@@ -329,7 +326,7 @@ class Int8ComputeLinear(nn.Module):
 def int8_compute_works(dtype: torch.dtype) -> bool:
     """Whether oneDNN's int8 GEMM runs in this build and lands near the float product with
     output in `dtype` (with torch 2.13 only bf16 does: float32 outputs come back wrong)."""
-    return _gelu_product_is_right(
+    return _onednn_available() and _product_is_right(
         lambda x, w, b: Int8ComputeLinear(Int8Linear(w, b, x.dtype))(x, "gelu"), dtype
     )
 
