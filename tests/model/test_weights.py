@@ -148,9 +148,13 @@ def test_packing_runs_with_one_intra_op_thread_and_restores_the_count(
             raise RuntimeError("a packer that fails")
         return pack_fp16(weight, bias)
 
-    before = torch.get_num_threads()
-    path = random_folder / "model.safetensors"
-    with pytest.raises(RuntimeError, match="a packer that fails"):
-        build_and_load(path, tiny_config, torch.device("cpu"), torch.float32, packer, pack_threads=2)
-    assert seen == {1}
-    assert torch.get_num_threads() == before  # restored although packing failed
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # more than one, whatever this machine has, so the test can fail
+    try:
+        path = random_folder / "model.safetensors"
+        with pytest.raises(RuntimeError, match="a packer that fails"):
+            build_and_load(path, tiny_config, torch.device("cpu"), torch.float32, packer, pack_threads=2)
+        assert seen == {1}
+        assert torch.get_num_threads() == 2  # restored although packing failed
+    finally:
+        torch.set_num_threads(original)
