@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+import threading
 
-from moondream_server.model.layers import FP16_TOLERANCE, Int8Linear, fp16_lossless
+import pytest
+import torch
+from torch.nn import functional as F
+
+from moondream_server.model.layers import FP16_TOLERANCE, Fp16Linear, Int8Linear, fp16_lossless, pack_fp16
 
 
 def _round_trip_exact(weight: torch.Tensor) -> bool:
@@ -44,3 +48,66 @@ def test_int8_quantization_matches_its_formula_across_row_blocks() -> None:
         assert torch.equal(layer.qweight, q)
         assert torch.equal(layer.scale, scale.to(torch.bfloat16))
         assert (layer.qweight[17] == 0).all() and layer.qweight[2999, 3] == 127
+
+
+def _bf16_layer(rows: int = 48, cols: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(rows, cols, generator=g) / 8).bfloat16(), (
+        torch.randn(rows, generator=g) / 8
+    ).bfloat16()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_fp16_linear_computes_the_float32_products_before_and_after_packing(rows: int) -> None:
+    weight, bias = _bf16_layer()
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(4))
+    want = F.linear(x.double(), weight.double(), bias.double())  # the exact products, summed in float64
+    layer = Fp16Linear(weight, bias, pack=False)
+    assert not layer.packed
+    widened = layer(x)
+    released = layer.pack()
+    assert layer.packed and released is not None and released.data_ptr() == weight.data_ptr()
+    assert layer.pack() is None  # once
+    packed = layer(x)
+    for got in (widened, packed):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_fp16_linear_keeps_a_weight_float16_cannot_hold_widened() -> None:
+    weight, bias = _bf16_layer()
+    weight[0, 0] = 1e5  # beyond float16's 65504: packing would make it an infinity
+    layer = pack_fp16(weight, bias)  # bf16: held whatever its values
+    assert isinstance(layer, Fp16Linear)
+    assert layer.pack() is None and not layer.packed
+    x = torch.ones(2, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, weight.float(), bias.float()))
+    assert pack_fp16(weight.float(), bias) is None  # a float32 weight is checked when built
+
+
+def test_fp16_linear_can_be_packed_while_another_thread_uses_it() -> None:
+    weight, bias = _bf16_layer(512, 256)
+    layer = Fp16Linear(weight, bias, pack=False)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5))
+    want = F.linear(x, weight.float(), bias.float())
+    outputs: list[torch.Tensor] = []
+    failures: list[BaseException] = []
+    started = threading.Event()
+
+    def use() -> None:
+        try:
+            started.set()
+            while not layer.packed:
+                outputs.append(layer(x))
+            outputs.append(layer(x))
+        except BaseException as e:
+            failures.append(e)
+
+    user = threading.Thread(target=use)
+    user.start()
+    started.wait()
+    layer.pack()
+    user.join(timeout=30)
+    assert not failures and outputs
+    for got in outputs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from moondream_server.model.hub import DEFAULT_MODEL, DEFAULT_REVISION, DEFAULT_
 from moondream_server.model.layers import MLP
 from moondream_server.model.loading import resolve_dtype
 from moondream_server.model.text import TextBlock
-from tests.model.support import TINY, TOKENIZER
+from tests.model.support import TINY, TOKENIZER, mapped_kib
 
 
 def _mlp(model: Moondream) -> MLP:
@@ -48,9 +48,37 @@ def test_cpu_float16_weight_storage_is_exact_for_bf16_checkpoints(random_folder:
         load(random_folder, device="cpu", dtype=torch.float32, cpu_weights="int4")
 
 
-def test_layers_float16_cannot_hold_stay_float32_linear(tmp_path: Path, random_folder: Path) -> None:
-    """Loading reads linear weights in the file's dtype (bf16) and packs them as float16; a layer
-    with a weight float16 cannot hold (beyond its 65504 range) stays a float32 ``nn.Linear``."""
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_float32_load_packs_text_layers_after_it_returns_and_lets_their_pages_go(
+    tmp_path: Path, random_folder: Path
+) -> None:
+    """The vision encoder's layers stay as read (widened per call); the text and region models'
+    are packed in the background, each letting go of the checkpoint's pages behind it."""
+    from moondream_server.model.layers import Fp16Linear
+
+    folder = _copy(random_folder, tmp_path / "m")  # mapped by this test alone
+    model = load(folder, device="cpu", dtype=torch.float32)
+    assert model.packing is not None and model.wait_packed(timeout=60)
+    layers = {name: m for name, m in model.net.named_modules() if isinstance(m, Fp16Linear)}
+    vision = {name for name in layers if name.startswith("vision.")}
+    assert vision and len(layers) > len(vision)
+    assert all(layers[name].packed == (name not in vision) for name in layers)
+    assert model.packing.packed == model.packing.total == len(layers) - len(vision)
+    nbytes = {name: m.in_features * m.out_features * 2 for name, m in layers.items()}
+    held = sum(nbytes[name] for name in vision)
+    assert sum(nbytes.values()) - held > held  # the bound below would catch keeping the text pages
+    pages = 2 * 4 * len(layers)  # KiB: a page at each end of a tensor
+    assert mapped_kib(folder / "model.safetensors") <= held // 1024 + pages
+    plain = load(folder, device="cpu", dtype=torch.float32, cpu_weights="float32")
+    image = Image.new("RGB", (64, 48), (200, 40, 90))
+    settings = {"max_tokens": 8, "temperature": 0.0}
+    assert model.caption(image, settings=settings) == plain.caption(image, settings=settings)
+
+
+def test_layers_float16_cannot_hold_stay_unpacked_and_exact(tmp_path: Path, random_folder: Path) -> None:
+    """Loading holds linear weights in the file's dtype (bf16) and packs them as float16 after
+    load; a layer with a weight float16 cannot hold (beyond its 65504 range) is never packed and
+    keeps multiplying by its bf16 values widened to float32."""
     from moondream_server.model.layers import Fp16Linear
 
     folder = _copy(random_folder, tmp_path / "big")
@@ -60,10 +88,14 @@ def test_layers_float16_cannot_hold_stay_float32_linear(tmp_path: Path, random_f
     state[key][0, 0] = 1e5
     save_file(state, str(folder / "model.safetensors"))
     model = load(folder, device="cpu", dtype=torch.float32)
-    fc1 = _mlp(model).fc1
-    assert type(fc1) is torch.nn.Linear and fc1.weight.dtype == torch.float32
-    assert torch.equal(fc1.weight, state[key].float())
-    assert isinstance(_mlp(model).fc2, Fp16Linear)
+    assert model.wait_packed(timeout=60)
+    fc1, fc2 = _mlp(model).fc1, _mlp(model).fc2
+    assert isinstance(fc1, Fp16Linear) and not fc1.packed
+    assert isinstance(fc2, Fp16Linear) and fc2.packed
+    x = torch.randn(3, fc1.in_features, generator=torch.Generator().manual_seed(0))
+    bias = state[key.replace("weight", "bias")].float()
+    torch.testing.assert_close(fc1(x), torch.nn.functional.linear(x, state[key].float(), bias))
+    assert torch.isfinite(fc1(x)).all()  # float16 would have made the 1e5 an infinity
     assert {p.dtype for p in model.net.parameters()} == {torch.float32}
 
 

@@ -85,7 +85,7 @@ def test_load_without_native_bf16_packs_float16(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
     model = load(random_folder, device="cpu", dtype="auto")
     assert model.dtype == torch.float32
-    assert model.precision is not None and model.precision.decode == "fbgemm fp16"
+    assert model.precision is not None and model.precision.decode.startswith("fbgemm fp16")
 
 
 def test_int8_linear_is_close_to_the_float_layer() -> None:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from moondream_server.model import ModelLoadError, MoondreamConfig
 from moondream_server.model.layers import Fp16Linear, pack_fp16
 from moondream_server.model.weights import TensorReader, build_and_load
+from tests.model.support import mapped_kib
 
 
 def test_reader_matches_the_safetensors_library(tmp_path: Path, random_folder: Path) -> None:
@@ -87,19 +88,6 @@ def test_linear_layers_are_packed_while_the_file_is_read(
     assert most_alive <= 3  # two layers queued behind the one being packed, at most
 
 
-def _mapped_kib(path: Path) -> int:
-    """Resident KiB of this process's mappings of `path` (from /proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps", encoding="utf-8") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-                inside = line.rstrip("\n").endswith(str(path))
-            elif inside and head[0] == "Rss:":
-                total += int(head[1])
-    return total
-
-
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 def test_reader_maps_the_file_and_releases_what_was_copied(tmp_path: Path) -> None:
     path = tmp_path / "t.safetensors"
@@ -111,9 +99,9 @@ def test_reader_maps_the_file_and_releases_what_was_copied(tmp_path: Path) -> No
     del written
     reader = TensorReader(path)
     got = reader.read("big")
-    assert _mapped_kib(path) >= 4096  # mapped in when read, not on first use
+    assert mapped_kib(path) >= 4096  # mapped in when read, not on first use
     reader.release("big")
-    assert _mapped_kib(path) < 64  # only pages shared with a neighbour may stay
+    assert mapped_kib(path) < 64  # only pages shared with a neighbour may stay
     reader.close()
     assert torch.equal(got, big)  # still readable after release and close: mapped again on use
     assert torch.equal(TensorReader(path).read("small"), torch.ones(3))
@@ -133,7 +121,7 @@ def test_packed_layers_leave_no_file_pages_behind(
     linear_bytes = sum(m.in_features * m.out_features * 2 for m in packed)
     assert linear_bytes > kept  # the bound below would catch keeping the packed weights
     pages = 2 * len(list(net.parameters())) * 4  # KiB: a page at each end of a tensor
-    assert _mapped_kib(path) <= kept // 1024 + pages
+    assert mapped_kib(path) <= kept // 1024 + pages
 
 
 def test_packing_runs_with_one_intra_op_thread_and_restores_the_count(
@@ -158,3 +146,36 @@ def test_packing_runs_with_one_intra_op_thread_and_restores_the_count(
         assert torch.get_num_threads() == 2  # restored although packing failed
     finally:
         torch.set_num_threads(original)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_reader_forgets_a_tensor_by_its_memory_even_after_close(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    big = torch.arange(2**20, dtype=torch.float32)  # 4 MiB
+    save_file({"big": big}, str(path))
+    reader = TensorReader(path)
+    got = reader.read("big")
+    reader.close()
+    elsewhere = big.clone()
+    reader.forget(elsewhere)  # not in the map: left alone
+    assert torch.equal(elsewhere, big)
+    assert mapped_kib(path) >= 4096
+    reader.forget(got)
+    assert mapped_kib(path) < 64
+    assert torch.equal(got, big)  # mapped again from the file on use
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00\x01garbage",  # shorter than the size field
+        struct.pack("<Q", 2**40) + b"{}",  # a header size past the end of the file
+        struct.pack("<Q", 2) + b"[]",  # JSON, but not an object
+        struct.pack("<Q", 3) + b"{x}",  # not JSON
+    ],
+)
+def test_reader_refuses_a_damaged_header_with_a_load_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        TensorReader(path)

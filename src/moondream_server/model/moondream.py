@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from moondream_server.model.background_packing import BackgroundPacking
 from moondream_server.model.config import MoondreamConfig
 from moondream_server.model.cuda_graphs import DecodeGraphs
 from moondream_server.model.decoding import Context, Program, StepOutput, TaskResult
@@ -49,6 +50,8 @@ class Moondream:
         self.tokenizer = tokenizer
         # What load() chose for this machine (number formats, decode kernel), for /health.
         self.precision: Precision | None = None
+        # Layers load() left to pack after it returned (float32 on the CPU); None when none.
+        self.packing: BackgroundPacking | None = None
         self.config = config
         self.model_id = model_id
         self.revision = revision
@@ -86,6 +89,10 @@ class Moondream:
     @property
     def on_gpu(self) -> bool:
         return self.device.type != "cpu"
+
+    def wait_packed(self, timeout: float | None = None) -> bool:
+        """True once no layer is left to pack (at once when there were none), within `timeout` s."""
+        return self.packing is None or self.packing.wait(timeout)
 
     @property
     def precision_name(self) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
+import os
 import struct
 import sys
 from collections import deque
@@ -70,8 +71,15 @@ class TensorReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            self._header: dict[str, Any] = json.loads(f.read(size))
+            try:  # read before safe_open has looked at the file (``load`` opens it first)
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > os.fstat(f.fileno()).st_size - 8:
+                    raise ValueError(f"a header of {size} bytes runs past the end of the file")
+                self._header: dict[str, Any] = json.loads(f.read(size))
+                if not isinstance(self._header, dict):
+                    raise ValueError("the header is not a JSON object")
+            except (struct.error, ValueError) as e:
+                raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from e
             self._base = 8 + size
             try:
                 self._map: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -79,6 +87,10 @@ class TensorReader:
                 raise ModelLoadError(f"cannot map {path}: {e}") from e
         self._size = len(self._map)
         self._populate = sys.platform == "linux"
+        # ``forget`` works after ``close``: layers packed later let go of their pages through it.
+        self._pages = self._map
+        first_byte = torch.frombuffer(self._map, dtype=torch.uint8, count=1) if self._size else None
+        self._address = 0 if first_byte is None else first_byte.data_ptr()
 
     def _span(self, key: str) -> tuple[int, int]:
         begin, end = self._header[key]["data_offsets"]
@@ -112,13 +124,25 @@ class TensorReader:
         A tensor of `key` that is used again afterwards maps its pages afresh from the file: that
         costs time, not correctness, unless it was written to (the write would be lost).
         """
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._map is not None:
+            self._drop(*self._span(key))
+
+    def forget(self, tensor: torch.Tensor) -> None:
+        """``release`` for a tensor read from this map (by its memory, not its name; also after
+        ``close``); a no-op for a tensor that lies elsewhere, such as a converted copy."""
+        start = tensor.data_ptr() - self._address
+        stop = start + tensor.numel() * tensor.element_size()
+        if self._size and tensor.is_contiguous() and 0 <= start < stop <= self._size:
+            self._drop(start, stop)
+
+    def _drop(self, start: int, stop: int) -> None:
+        """Drop the whole pages inside [start, stop): a page shared with a neighbour stays."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start, stop = self._span(key)
         first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
         last = stop - stop % mmap.PAGESIZE
         if last > first:
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+            self._pages.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
         """Stop reading; the tensors already read stay valid (they keep the map alive)."""
@@ -187,6 +211,7 @@ def build_and_load(
     dtype: torch.dtype,
     pack_linear: LinearPacker | None = None,
     pack_threads: int = 1,
+    reader: TensorReader | None = None,
 ) -> MoondreamNet:
     """Build the network and fill it from `path`.
 
@@ -194,6 +219,8 @@ def build_and_load(
     file's dtype); a module it returns replaces the layer, None keeps the layer in `dtype`.
     Packing runs on ``pack_threads`` threads (fbgemm packs on one thread and releases the GIL),
     with a few layers in flight at most, so memory stays near the packed model's own size.
+    `reader`, an open ``TensorReader`` of `path`, is used if given (and left to the caller);
+    otherwise one is opened and closed here.
     """
     with torch.device("meta"):
         net = MoondreamNet(config)
@@ -203,13 +230,13 @@ def build_and_load(
     pending: dict[str, dict[str, torch.Tensor]] = {}  # a linear layer's tensors read so far
     in_flight: deque[tuple[str, dict[str, torch.Tensor], Future[nn.Module | None]]] = deque()
 
-    reader = TensorReader(path)
+    source = TensorReader(path) if reader is None else reader
 
     def keep(name: str, tensor: torch.Tensor) -> None:
         """`tensor` as the parameter or buffer `name`; the file's pages go if it was copied."""
         state[name] = tensor.to(device=device, dtype=dtype).contiguous()
         if not _same_memory(state[name], tensor):
-            reader.release(stored[name])
+            source.release(stored[name])
 
     def settle(layer: str, tensors: dict[str, torch.Tensor], future: Future[nn.Module | None]) -> None:
         module = future.result()
@@ -222,13 +249,13 @@ def build_and_load(
         held = [*module.parameters(), *module.buffers()]
         for part, tensor in tensors.items():
             if not any(_same_memory(tensor, t) for t in held):
-                reader.release(stored[f"{layer}.{part}"])
+                source.release(stored[f"{layer}.{part}"])
 
     try:
         single = _intra_op_threads(1) if pack_linear else contextlib.nullcontext()
         with ThreadPoolExecutor(max(1, pack_threads)) as pool, single:
             for name, key in stored.items():
-                tensor = reader.read(key)
+                tensor = source.read(key)
                 layer, _, part = name.rpartition(".")
                 linear = linears.get(layer)
                 if linear is None or pack_linear is None:
@@ -246,7 +273,8 @@ def build_and_load(
             while in_flight:
                 settle(*in_flight.popleft())
     finally:
-        reader.close()
+        if reader is None:
+            source.close()
     net.load_state_dict(state, assign=True)
     net.text.init_rope(device)
     return net

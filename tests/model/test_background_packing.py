@@ -1,0 +1,79 @@
+"""Packing float16 layers on background threads after load."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+import pytest
+import torch
+
+from moondream_server.model.background_packing import NICENESS, BackgroundPacking, _lower_priority
+from moondream_server.model.layers import Fp16Linear
+
+
+def _layers(count: int) -> list[Fp16Linear]:
+    g = torch.Generator().manual_seed(0)
+    return [Fp16Linear(torch.randn(32, 16, generator=g).bfloat16(), pack=False) for _ in range(count)]
+
+
+def test_every_layer_is_packed_and_its_weight_handed_back_once() -> None:
+    layers = _layers(7)
+    weights = {layer._source[0].data_ptr() for layer in layers if layer._source is not None}
+    forgotten: list[int] = []
+    finished = threading.Event()
+    packing = BackgroundPacking(
+        layers, forget=lambda t: forgotten.append(t.data_ptr()), finished=finished.set, threads=3
+    )
+    assert packing.wait(timeout=30)
+    assert packing.done and finished.is_set()
+    assert all(layer.packed for layer in layers) and packing.packed == packing.total == 7
+    assert sorted(forgotten) == sorted(weights)
+    assert packing.seconds is not None and packing.seconds >= 0
+
+
+def test_a_layer_that_fails_to_pack_stays_usable_and_the_rest_are_packed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    layers = _layers(4)
+    broken = layers[1]
+    original = Fp16Linear.pack
+
+    def pack(self: Fp16Linear) -> torch.Tensor | None:
+        if self is broken:
+            raise RuntimeError("no memory for the packed copy")
+        return original(self)
+
+    monkeypatch.setattr(Fp16Linear, "pack", pack)
+    with caplog.at_level(logging.ERROR, logger="moondream_server.model.background_packing"):
+        packing = BackgroundPacking(layers, threads=2)
+        assert packing.wait(timeout=30)
+    assert [layer.packed for layer in layers] == [True, False, True, True]
+    assert "stays unpacked" in caplog.text and "32x16" in caplog.text
+    assert broken(torch.ones(1, 16)).shape == (1, 32)
+
+
+def test_nothing_to_pack_is_done_at_once() -> None:
+    finished = threading.Event()
+    packing = BackgroundPacking([], finished=finished.set, threads=2)
+    assert packing.done and finished.is_set() and packing.total == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are a Linux feature")
+def test_packing_threads_give_way_to_the_rest_of_the_process() -> None:
+    seen: dict[str, int] = {}
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, tid)
+        _lower_priority()
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    assert seen["after"] == min(19, seen["before"] + NICENESS)
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert caller == seen["before"]  # the calling thread's own priority stays
