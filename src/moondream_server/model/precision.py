@@ -13,8 +13,10 @@ by every text weight and is bound by how fast the weights stream from memory.
   unless oneDNN's is clearly faster (``ONEDNN_MARGIN``): on a busy machine the timings are noisy,
   and the quiet measurements on AVX512-BF16 (Zen 4) favour PyTorch's kernel 2.4x.
 * Without native bf16 (AVX2 only, e.g. Zen 3) bf16 arithmetic is emulated and ~8x slower, so
-  compute is float32 and linear weights are held as float16 for fbgemm (float32 arithmetic,
-  exact for the official bf16 checkpoint): half the bytes per decode step.
+  compute is float32 on the checkpoint's 16-bit weights (exact for the official bf16 one),
+  packed as float16 for fbgemm (half the bytes per decode step) on background threads after
+  load, and widened to float32 on each call until then (``layers.Fp16Linear``,
+  ``background_packing``).
 * ``quantize="int8"`` holds linear weights as int8 with one scale per output channel (see
   ``layers.Int8Linear``). Where the CPU has int8 dot products (VNNI, AMX) the vision encoder
   also computes in int8 (``layers.Int8ComputeLinear``), and so do prompt and image prefills
