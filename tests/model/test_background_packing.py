@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import threading
 
@@ -41,10 +42,10 @@ def test_a_layer_that_fails_to_pack_stays_usable_and_the_rest_are_packed(
     broken = layers[1]
     original = Fp16Linear.pack
 
-    def pack(self: Fp16Linear) -> torch.Tensor | None:
+    def pack(self: Fp16Linear, scratch: torch.Tensor | None = None) -> torch.Tensor | None:
         if self is broken:
             raise RuntimeError("no memory for the packed copy")
-        return original(self)
+        return original(self, scratch)
 
     monkeypatch.setattr(Fp16Linear, "pack", pack)
     with caplog.at_level(logging.ERROR, logger="moondream_server.model.background_packing"):
@@ -77,3 +78,19 @@ def test_packing_threads_give_way_to_the_rest_of_the_process() -> None:
     assert seen["after"] == min(19, seen["before"] + NICENESS)
     caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert caller == seen["before"]  # the calling thread's own priority stays
+
+
+def test_an_exiting_interpreter_stops_packing_after_the_current_layer_and_exits_cleanly() -> None:
+    """Daemon threads still inside PyTorch at exit aborted the process (exit code 134)."""
+    script = """
+import atexit, torch
+from moondream_server.model.background_packing import BackgroundPacking
+from moondream_server.model.layers import Fp16Linear
+layers = [Fp16Linear(torch.zeros(1024, 1024, dtype=torch.bfloat16), pack=False) for _ in range(200)]
+packing = BackgroundPacking(layers, threads=2)
+atexit.register(lambda: print("packed", packing.packed, "done", packing.done, flush=True))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _, packed, _, finished = done.stdout.split()
+    assert 0 <= int(packed) < 200 and finished == "True"

@@ -111,3 +111,17 @@ def test_fp16_linear_can_be_packed_while_another_thread_uses_it() -> None:
     assert not failures and outputs
     for got in outputs:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_linear_packed_through_a_scratch_buffer_owns_its_weights() -> None:
+    weight, bias = _bf16_layer()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(6))
+    plain = Fp16Linear(weight, bias)
+    scratch = torch.empty(weight.numel() + 10)
+    through = Fp16Linear(weight, bias, pack=False)
+    through.pack(scratch)
+    scratch.fill_(float("nan"))  # reused for the next layer: the packed copy must not see it
+    assert through.packed and torch.equal(through(x), plain(x))
+    small = Fp16Linear(weight, bias, pack=False)
+    small.pack(torch.empty(10))  # too small to use: widened on its own
+    assert torch.equal(small(x), plain(x))

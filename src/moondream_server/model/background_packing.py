@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 # about 90 % of a shared core.
 NICENESS = 10
 
+# Each thread widens weights into a float32 buffer of its own for fbgemm, sized for the largest
+# layer up to this many weights (the text MLPs' 16.8 M: 64 MiB); larger ones (the 105 M-weight
+# LM head) get a fresh buffer of their own.
+SCRATCH_WEIGHTS = 1 << 24
+
 
 def _lower_priority() -> None:
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: run as is
@@ -53,6 +58,8 @@ class BackgroundPacking:
     ) -> None:
         self.total = len(layers)
         self._layers = layers
+        sizes = [n for layer in layers if (n := layer.in_features * layer.out_features) <= SCRATCH_WEIGHTS]
+        self._scratch_size = max(sizes, default=0)
         self._queue = list(reversed(layers))  # popped from the end: first layer first
         self._forget = forget
         self._finished = finished
@@ -64,8 +71,11 @@ class BackgroundPacking:
         if not layers:
             self._finish()
             return
+        # Not daemons: a daemon thread still inside PyTorch when the interpreter exits aborts the
+        # process ("terminate called without an active exception"). The interpreter joins these
+        # at exit instead, and they stop after their current layer once the main thread is done.
         for i in range(self._running):
-            threading.Thread(target=self._work, name=f"fp16-packing-{i}", daemon=True).start()
+            threading.Thread(target=self._work, name=f"fp16-packing-{i}").start()
 
     @property
     def done(self) -> bool:
@@ -81,14 +91,17 @@ class BackgroundPacking:
         return self._done.wait(timeout)
 
     def _next(self) -> Fp16Linear | None:
+        if not threading.main_thread().is_alive():  # the interpreter is exiting: stop here
+            return None
         with self._lock:
             return self._queue.pop() if self._queue else None
 
     def _work(self) -> None:
         _lower_priority()
+        scratch = torch.empty(self._scratch_size, dtype=torch.float32)
         while (layer := self._next()) is not None:
             try:
-                released = layer.pack()
+                released = layer.pack(scratch)
             except Exception:  # the layer keeps computing unpacked; say so, carry on
                 shape = f"{layer.out_features}x{layer.in_features}"
                 log.exception("packing a %s layer failed; it stays unpacked", shape)

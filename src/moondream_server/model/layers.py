@@ -127,16 +127,25 @@ class Fp16Linear(nn.Module):
     def packed(self) -> bool:
         return self._packed is not None
 
-    def pack(self) -> torch.Tensor | None:
+    def pack(self, scratch: torch.Tensor | None = None) -> torch.Tensor | None:
         """Pack the weight for fbgemm; returns the 16-bit tensor let go, None when already packed
-        or when float16 cannot hold it."""
+        or when float16 cannot hold it.
+
+        fbgemm takes float32: the weight is widened into `scratch` (float32, reused by the
+        caller) when it is large enough, which skips faulting in fresh pages for every layer
+        (0.23 against 1.9 ns per weight, beside fbgemm's own ~7.9).
+        """
         source = self._source
         if source is None:
             return None
         weight, bias = source
         if weight.dtype == torch.bfloat16 and not fp16_lossless(weight):
             return None
-        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
+        if scratch is not None and scratch.dtype == torch.float32 and scratch.numel() >= weight.numel():
+            wide = scratch[: weight.numel()].view(weight.shape).copy_(weight)
+        else:
+            wide = weight.float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(wide, bias)
         self._source = None
         return weight
 
