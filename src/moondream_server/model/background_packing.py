@@ -116,6 +116,7 @@ class BackgroundPacking:
 
     def _finish(self) -> None:
         self.seconds = time.perf_counter() - self._started
+        self._forget = lambda _: None  # let go of what it held (the checkpoint's reader and map)
         try:
             self._finished()
         finally:
