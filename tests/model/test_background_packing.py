@@ -48,11 +48,12 @@ def test_a_layer_that_fails_to_pack_stays_usable_and_the_rest_are_packed(
         return original(self, scratch)
 
     monkeypatch.setattr(Fp16Linear, "pack", pack)
-    with caplog.at_level(logging.ERROR, logger="moondream_server.model.background_packing"):
+    with caplog.at_level(logging.INFO, logger="moondream_server.model.background_packing"):
         packing = BackgroundPacking(layers, threads=2)
         assert packing.wait(timeout=30)
     assert [layer.packed for layer in layers] == [True, False, True, True]
     assert "stays unpacked" in caplog.text and "32x16" in caplog.text
+    assert "3 of 4 fp16 layers packed" in caplog.text
     assert broken(torch.ones(1, 16)).shape == (1, 32)
 
 

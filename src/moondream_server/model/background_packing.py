@@ -121,4 +121,5 @@ class BackgroundPacking:
             self._finished()
         finally:
             self._done.set()
-            log.info("fp16 layers packed for fbgemm in %.1f s (%d layers)", self.seconds, self.total)
+            packed = self.packed
+            log.info("%d of %d fp16 layers packed for fbgemm in %.1f s", packed, self.total, self.seconds)
