@@ -162,6 +162,17 @@ def test_one_query_attention_matches_sdpa(dtype: torch.dtype) -> None:
     torch.manual_seed(4)
     q, keys, values = torch.randn(8, 16), 3 * torch.randn(8, 40, 16), torch.randn(8, 40, 16)
     exact = F.scaled_dot_product_attention(q[:, None].double(), keys.double(), values.double())[:, 0]
-    got = text_module._one_query_attention(q.to(dtype), keys.to(dtype), values.to(dtype))
+    got = text_module._one_query_attention(q.to(dtype), keys.to(dtype), values.to(dtype), 40)
     assert got.dtype == dtype and got.shape == (8, 16)
     assert (got.double() - exact).abs().max().item() < (1e-5 if dtype == torch.float32 else 0.05)
+
+
+@pytest.mark.parametrize("length", [29, 37, 40])  # a sliced cache (< 3/4 used) and whole reads
+def test_one_query_attention_ignores_the_cache_beyond_its_length(length: int) -> None:
+    torch.manual_seed(5)
+    q = torch.randn(8, 16).bfloat16()
+    keys, values = (torch.randn(8, 40, 16).bfloat16() for _ in range(2))
+    want = text_module._one_query_attention(q, keys[:, :length].clone(), values[:, :length].clone(), length)
+    keys[:, length:], values[:, length:] = 1e4, -1e4  # stale positions: must not count at all
+    got = text_module._one_query_attention(q, keys, values, length)
+    assert torch.equal(got, want)
