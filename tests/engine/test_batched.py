@@ -7,6 +7,7 @@ never from the engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Awaitable
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image
 from moondream_server.engine.batched import BatchedEngine
 from moondream_server.engine.errors import DeadlineExceededError, InvalidRequestError, QueueFullError
 from moondream_server.engine.scheduler import Request, Scheduler
-from moondream_server.engine.types import QueryResult, SamplingSettings
+from moondream_server.engine.types import EngineInfo, QueryResult, SamplingSettings
 from moondream_server.model import Moondream
 from moondream_server.model import text as text_module
 from moondream_server.model.cuda_graphs import DecodeGraphs
@@ -448,3 +449,20 @@ def test_check_capacity_refuses_before_any_work(never_stop_path: Path) -> None:
         e.check_capacity()  # room again
 
     with_engine(make_engine(never_stop_path, max_batch_size=1, max_queue=1), body)
+
+
+def test_engine_info_reads_the_models_precision_afresh() -> None:
+    """/health's precision comes from the model on every call: the CPU float32 path reports its
+    background packing there until it is done."""
+    model = load_tiny()
+    engine = BatchedEngine(lambda: model, info=EngineInfo("tiny", None, DEVICE, "float32"), warmup=False)
+    assert engine.info.precision is None  # nothing loaded yet
+
+    async def body(e: BatchedEngine) -> None:
+        first = e.info.precision
+        assert first is not None and first == model.precision_name
+        assert model.precision is not None
+        model.precision = dataclasses.replace(model.precision, reason="changed after start")
+        assert e.info.precision == model.precision_name != first
+
+    with_engine(engine, body)

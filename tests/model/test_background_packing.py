@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
 
+from moondream_server.model import Moondream
 from moondream_server.model.background_packing import NICENESS, BackgroundPacking, _lower_priority
 from moondream_server.model.layers import Fp16Linear
 
@@ -95,3 +97,25 @@ atexit.register(lambda: print("packed", packing.packed, "done", packing.done, fl
     assert done.returncode == 0, done.stderr
     _, packed, _, finished = done.stdout.split()
     assert 0 <= int(packed) < 200 and finished == "True"
+
+
+def test_the_model_says_how_far_packing_has_come_until_it_is_done(random_model: Moondream) -> None:
+    """``precision_name`` (what /health shows) counts the packed layers while packing runs."""
+    gate = threading.Event()
+    layers = _layers(2)
+    packing = BackgroundPacking(layers, forget=lambda _: gate.wait(30), threads=1)  # stops after one
+    before = random_model.packing
+    random_model.packing = packing
+    try:
+        assert str(random_model.precision) in str(random_model.precision_name)
+        for _ in range(300):
+            if packing.packed == 1:
+                break
+            time.sleep(0.01)
+        assert random_model.precision_name.endswith("packing in the background: 1 of 2 layers")
+        gate.set()
+        assert packing.wait(timeout=30)
+        assert random_model.precision_name == str(random_model.precision)
+    finally:
+        gate.set()
+        random_model.packing = before

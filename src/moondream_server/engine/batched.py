@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
@@ -97,11 +98,14 @@ class BatchedEngine(Generic[S, E, P]):
         self.scheduler: Scheduler[S, E, P] | None = None
         self.image_cache: ImageCache[E] | None = None
         self.load_error: BaseException | None = None
+        self._model: LoadedModel[S, E, P] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
     def info(self) -> EngineInfo:
-        return self._info
+        if self._model is None:
+            return self._info
+        return dataclasses.replace(self._info, precision=self._model.precision_name)
 
     def is_ready(self) -> bool:
         return self._ready and not self._stopping
@@ -147,6 +151,7 @@ class BatchedEngine(Generic[S, E, P]):
                 torch.set_num_threads(self._threads)
             t0 = time.perf_counter()
             model = await asyncio.to_thread(self._loader)
+            self._model = model
             self._info = EngineInfo(
                 model_id=model.model_id,
                 revision=model.revision,

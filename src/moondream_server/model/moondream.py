@@ -96,7 +96,12 @@ class Moondream:
 
     @property
     def precision_name(self) -> str | None:
-        return None if self.precision is None else str(self.precision)
+        if self.precision is None:
+            return None
+        packing = self.packing
+        if packing is None or packing.done:
+            return str(self.precision)
+        return f"{self.precision}; packing in the background: {packing.packed} of {packing.total} layers"
 
     def runtime(
         self, *, max_vision_crops: int, kv_pool_slots: int, decode_graphs: bool | None = None

@@ -156,7 +156,8 @@ class LoadedModel(Protocol[S, E, P]):
 
     @property
     def precision_name(self) -> str | None:
-        """What the loader chose for this machine (number formats, decode kernel), if anything."""
+        """What the loader chose for this machine (number formats, decode kernel), if anything;
+        read again on every /health (it may say how far work left after loading has come)."""
         ...
 
     def runtime(
