@@ -24,7 +24,7 @@ def _layers(count: int) -> list[Fp16Linear]:
 
 def test_every_layer_is_packed_and_its_weight_handed_back_once() -> None:
     layers = _layers(7)
-    weights = {layer._source[0].data_ptr() for layer in layers if layer._source is not None}
+    weights = {layer.weight16.data_ptr() for layer in layers if layer.weight16 is not None}
     forgotten: list[int] = []
     finished = threading.Event()
     packing = BackgroundPacking(

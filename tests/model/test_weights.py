@@ -124,6 +124,24 @@ def test_packed_layers_leave_no_file_pages_behind(
     assert mapped_kib(path) <= kept // 1024 + pages
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_layers_left_to_pack_later_keep_their_file_pages(
+    tmp_path: Path, random_folder: Path, tiny_config: MoondreamConfig
+) -> None:
+    """An unpacked ``Fp16Linear`` multiplies by the file's pages: the loader must not drop them
+    (they would be faulted in again from the file on first use)."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes((random_folder / "model.safetensors").read_bytes())
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    packer = lambda _, w, b: pack_fp16(w, b, pack=False)  # noqa: E731
+    net = build_and_load(path, tiny_config, cpu, bf16, packer, pack_threads=2)
+    layers = [m for m in net.modules() if isinstance(m, Fp16Linear)]
+    assert layers and not any(m.packed for m in layers)
+    linear_kib = sum(m.in_features * m.out_features * 2 for m in layers) // 1024
+    pages = 2 * len(layers) * 4  # KiB: a page at each end of a weight may be shared, and dropped
+    assert mapped_kib(path) >= linear_kib - pages
+
+
 def test_packing_runs_with_one_intra_op_thread_and_restores_the_count(
     random_folder: Path, tiny_config: MoondreamConfig
 ) -> None:

@@ -113,12 +113,13 @@ class Fp16Linear(nn.Module):
         held = weight.detach()
         if held.dtype not in (torch.bfloat16, torch.float16):
             held = held.to(torch.float16)  # the numbers fbgemm would round it to when packing
-        # Exactly one of the two is set after ``pack``, which sets ``_packed`` before dropping
-        # ``_source``: ``forward`` reads them in the opposite order and always finds one.
-        self._source: tuple[torch.Tensor, torch.Tensor | None] | None = (
-            held,
-            None if bias is None else bias.detach().float(),
-        )
+        # Buffers, so that the loader sees the layer holding the checkpoint's pages of its weight.
+        # ``pack`` sets ``_packed`` before it drops ``weight16``; ``forward`` reads them in the
+        # opposite order, so it always finds one of them.
+        self.weight16: torch.Tensor | None
+        self.bias32: torch.Tensor | None
+        self.register_buffer("weight16", held, persistent=False)
+        self.register_buffer("bias32", None if bias is None else bias.detach().float(), persistent=False)
         self._packed: torch.ScriptObject | None = None
         if pack:
             self.pack()
@@ -135,31 +136,27 @@ class Fp16Linear(nn.Module):
         caller) when it is large enough, which skips faulting in fresh pages for every layer
         (0.23 against 1.9 ns per weight, beside fbgemm's own ~7.9).
         """
-        source = self._source
-        if source is None:
+        weight = self.weight16
+        if weight is None or (weight.dtype == torch.bfloat16 and not fp16_lossless(weight)):
             return None
-        weight, bias = source
-        if weight.dtype == torch.bfloat16 and not fp16_lossless(weight):
-            return None
-        if scratch is not None and scratch.dtype == torch.float32 and scratch.numel() >= weight.numel():
+        if scratch is not None and scratch.numel() >= weight.numel():
             wide = scratch[: weight.numel()].view(weight.shape).copy_(weight)
         else:
             wide = weight.float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(wide, bias)
-        self._source = None
+        self._packed = torch.ops.quantized.linear_prepack_fp16(wide, self.bias32)
+        self.weight16 = None
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
-        source = self._source
+        weight = self.weight16
         packed = self._packed
         y: torch.Tensor
         if packed is not None:
             y = torch.ops.quantized.linear_dynamic_fp16(flat, packed)
         else:
-            assert source is not None
-            weight, bias = source
-            y = F.linear(flat, weight.float(), bias)
+            assert weight is not None
+            y = F.linear(flat, weight.float(), self.bias32)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
