@@ -130,7 +130,8 @@ def load(
     if quantize == "int8" and dev.type != "cpu":
         raise ValueError("quantize=int8 is implemented for the CPU only")
     pack = dev.type == "cpu" and dt == torch.float32 and cpu_weights != "float32" and _has_fbgemm()
-    # Each linear layer is packed as it is read, so the unpacked weights never pile up.
+    # Each linear layer is converted as it is read (int8: quantized, so the unpacked weights never
+    # pile up; float16: wrapped around the file's pages, packed for fbgemm after loading).
     packer: LinearPacker | None = None
     int8_dot = quantize == "int8" and cpu_has_int8_dot()
     int8_vision = int8_dot and int8_compute_works(dt)
@@ -141,15 +142,15 @@ def load(
         exact_only = cpu_weights == "auto"
         packer = lambda _, weight, bias: pack_fp16(weight, bias, exact_only=exact_only, pack=False)  # noqa: E731
     reader = TensorReader(files.weights)
+    threads = torch.get_num_threads()
     try:
-        threads = torch.get_num_threads()
         net = build_and_load(files.weights, config, dev, dt, packer, pack_threads=threads, reader=reader)
     finally:
         reader.close()
     precision = _choose_kernels(net, dev, dt, quantize, pack, int8_vision, int8_rows)
     if dev.type == "cpu":
         release_free_heap()
-    packing = _pack_in_background(net, reader) if pack else None
+    packing = _pack_in_background(net, reader, threads) if pack else None
     try:
         tok = Tokenizer.from_file(str(Path(files.tokenizer)))
     except Exception as e:  # the tokenizers library raises a bare Exception subclass
@@ -160,7 +161,7 @@ def load(
     return model
 
 
-def _pack_in_background(net: MoondreamNet, reader: TensorReader) -> BackgroundPacking:
+def _pack_in_background(net: MoondreamNet, reader: TensorReader, threads: int) -> BackgroundPacking:
     """Start packing the float16 layers, the text and region models' first: their few-row
     products (decode steps) gain the most. The vision encoder's thousands of rows lose only
     ~6 % to widening its weights on each call until then (33.2 against 35.3 s per 640x480
@@ -168,9 +169,7 @@ def _pack_in_background(net: MoondreamNet, reader: TensorReader) -> BackgroundPa
     named = [(name, m) for name, m in net.named_modules() if isinstance(m, Fp16Linear)]
     layers = [m for name, m in named if not name.startswith("vision.")]
     layers += [m for name, m in named if name.startswith("vision.")]
-    return BackgroundPacking(
-        layers, forget=reader.forget, finished=release_free_heap, threads=torch.get_num_threads()
-    )
+    return BackgroundPacking(layers, forget=reader.forget, finished=release_free_heap, threads=threads)
 
 
 def _pack_int8(
